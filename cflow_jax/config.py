@@ -1,0 +1,82 @@
+"""One frozen configuration with the reference defaults (SPEC sections 1-5, the original code "O").
+
+Flags and callers override fields with `dataclasses.replace`; nothing else in the library has defaults
+of its own for these choices.
+"""
+
+import dataclasses
+import json
+
+BACKBONES = ("wide_resnet50_2", "resnet18", "resnet34", "vgg16_hed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  # --- Encoder (frozen, never trained) ---
+  backbone: str = "wide_resnet50_2"
+  # A named pretrained set ("torchvision", "timm", "hed") or a path to a weight file; None = the backbone's
+  # default set (torchvision for ResNets, as O; hed for vgg16_hed).
+  weights: str | None = None
+  # "zeros" is what torchvision/timm checkpoints were trained with; "reflect" is O's ResNet copy.
+  padding: str = "zeros"
+  # "bfloat16" runs the encoder convolutions in bf16 with f32 accumulation; the flows stay in f32.
+  encoder_dtype: str = "float32"
+  image_size: int = 256
+
+  # --- Decoder: one conditional flow per tapped layer (SPEC section 3) ---
+  condition_dim: int = 128  # P, the positional code's length
+  coupling_blocks: int = 8
+  clamp: float = 1.9  # alpha in j = alpha * tanh(s)
+  permutation: str = "hard"  # "hard" (A) or "soft" (O: a random rotation; slower)
+
+  # --- Training (SPEC section 4) ---
+  fiber_batch: int = 256  # N fibers per optimiser step (O: 256, A: 64)
+  drop_remainder: bool = True  # O drops the last partial chunk; False lets it absorb into the last step (A)
+  batch_size: int = 32  # images per encoder pass
+  lr: float = 2e-4
+  schedule: str = "cosine"  # "cosine" (O: warm-up + cosine per meta-epoch) or "constant" (A)
+  meta_epochs: int = 25
+  sub_epochs: int = 8
+  warmup_epochs: int = 2  # meta-epochs of linear warm-up from lr / 10
+  rotation: float = 5.0  # train-time random rotation, degrees (0 disables and allows feature caching)
+  seed: int = 42
+
+  # --- Scoring (SPEC section 5) ---
+  # "train": per-layer maxima fixed from training data (default; an image's score never depends on others);
+  # "test_set": maxima over all scored images (O); "batch": maxima over each batch (A).
+  normalization: str = "train"
+
+  def __post_init__(self):
+    _check_choice("backbone", self.backbone, BACKBONES)
+    _check_choice("padding", self.padding, ("zeros", "reflect"))
+    _check_choice("encoder_dtype", self.encoder_dtype, ("float32", "bfloat16"))
+    _check_choice("permutation", self.permutation, ("hard", "soft"))
+    _check_choice("schedule", self.schedule, ("cosine", "constant"))
+    _check_choice("normalization", self.normalization, ("train", "test_set", "batch"))
+    for name in ("image_size", "condition_dim", "coupling_blocks", "fiber_batch", "batch_size",
+                 "meta_epochs", "sub_epochs"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+    if self.condition_dim % 4:
+      raise ValueError(f"condition_dim must be a multiple of 4, got {self.condition_dim}")
+    if self.image_size % 32:
+      raise ValueError(f"image_size must be a multiple of 32 (the deepest tap's stride), got {self.image_size}")
+    if self.lr <= 0:
+      raise ValueError(f"lr must be positive, got {self.lr}")
+
+  @property
+  def epochs(self) -> int:
+    """Total passes over the training images."""
+    return self.meta_epochs * self.sub_epochs
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str) -> "Config":
+    return cls(**json.loads(text))
+
+
+def _check_choice(name, value, choices):
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")

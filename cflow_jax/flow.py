@@ -1,0 +1,183 @@
+"""Conditional normalizing flows over fibers: the CFLOW decoder (SPEC section 3).
+
+One decoder per tapped encoder layer. A decoder is `coupling_blocks` identical blocks, each the composition
+(FrEIA's AllInOneBlock, as both references use it)
+
+    block = Permutation o GlobalAffine o ConditionalAffineCoupling
+
+written as distrax bijectors on a single fiber (an event of C channels) and vmapped over fibers. Block
+parameters are stacked along a leading axis and the blocks are applied with `jax.lax.scan`, so a decoder
+compiles to one loop body whatever its depth.
+
+Parameters are split in two pytrees: `params` (trained) and `permutations` (fixed at construction, never
+trained), both with a leading block axis.
+"""
+
+import math
+
+import distrax
+import jax
+import jax.numpy as jnp
+
+# -C/2 ln(2 pi) per channel of the standard normal base distribution.
+_LOG_NORMALIZER = -0.5 * math.log(2.0 * math.pi)
+# sigma(g) = 0.2 ln(1 + exp(g / 2)) is 1 at this g (FrEIA's "SOFTPLUS" global affine, init 1.0).
+_GLOBAL_SCALE_INIT = 2.0 * math.log(math.exp(5.0) - 1.0)
+
+
+def split_sizes(channels: int) -> tuple[int, int]:
+  """(untouched, transformed) channel counts: the first ceil(C/2) channels condition the rest."""
+  return (channels + 1) // 2, channels // 2
+
+
+def global_scale(g):
+  """FrEIA's SOFTPLUS activation: 0.1 * softplus with beta 0.5."""
+  return 0.2 * jax.nn.softplus(0.5 * g)
+
+
+class Permutation(distrax.Bijector):
+  """A fixed channel permutation: hard (index array, (C,)) or soft (rotation matrix, (C, C)).
+
+  Both have |det| = 1, so the log-det is zero.
+  """
+
+  def __init__(self, permutation):
+    super().__init__(event_ndims_in=1)
+    self._permutation = permutation
+
+  def forward_and_log_det(self, x):
+    if self._permutation.ndim == 1:
+      y = jnp.take(x, self._permutation, axis=-1)
+    else:
+      y = x @ self._permutation.T
+    return y, jnp.zeros(x.shape[:-1], x.dtype)
+
+  def inverse_and_log_det(self, y):
+    if self._permutation.ndim == 1:
+      x = jnp.take(y, jnp.argsort(self._permutation), axis=-1)
+    else:
+      x = y @ self._permutation  # a rotation's inverse is its transpose
+    return x, jnp.zeros(y.shape[:-1], y.dtype)
+
+
+def coupling_block(block, permutation, condition, clamp):
+  """One AllInOneBlock on one fiber as a distrax bijector.
+
+  Args:
+    block: one block's parameters, {w1 (d_in, 2 d_in), b1, w2 (2 d_in, 2 c2), b2, global_scale (C,),
+      global_offset (C,)} with d_in = c1 + P.
+    permutation: (C,) indices or (C, C) rotation.
+    condition: (P,) positional code of the fiber; it enters the subnet of every block.
+    clamp: alpha of the soft clamp j = alpha * tanh(s).
+  """
+  c1 = block["w1"].shape[0] - condition.shape[-1]
+
+  def conditioner(x1):
+    h = jax.nn.relu(jnp.concatenate([x1, condition], axis=-1) @ block["w1"] + block["b1"])
+    # The whole coefficient vector is scaled by 0.1 for a gentle start (FrEIA).
+    s, t = jnp.split(0.1 * (h @ block["w2"] + block["b2"]), 2, axis=-1)
+    return clamp * jnp.tanh(s), t
+
+  def affine(coefficients):
+    log_scale, shift = coefficients
+    return distrax.ScalarAffine(shift=shift, log_scale=log_scale)
+
+  coupling = distrax.SplitCoupling(split_index=c1, event_ndims=1, conditioner=conditioner, bijector=affine)
+  global_affine = distrax.Block(
+      distrax.ScalarAffine(shift=block["global_offset"], scale=global_scale(block["global_scale"])), 1)
+  return distrax.Chain([Permutation(permutation), global_affine, coupling])  # applied right to left
+
+
+def _flow_one_fiber(params, permutations, x, condition, clamp, inverse):
+  """Runs all blocks on one fiber x (C,) with condition (P,); returns (output, log-det)."""
+
+  def step(carry, block_and_permutation):
+    value, log_det = carry
+    block, permutation = block_and_permutation
+    bijector = coupling_block(block, permutation, condition, clamp)
+    apply = bijector.inverse_and_log_det if inverse else bijector.forward_and_log_det
+    value, block_log_det = apply(value)
+    return (value, log_det + block_log_det), None
+
+  blocks = (params, permutations)
+  if inverse:
+    blocks = jax.tree.map(lambda a: a[::-1], blocks)
+  (out, log_det), _ = jax.lax.scan(step, (x, jnp.zeros((), x.dtype)), blocks)
+  return out, log_det
+
+
+def forward(params, permutations, fibers, condition, clamp=1.9):
+  """z = f(x | c) for a batch of fibers.
+
+  Args:
+    fibers: (N, C) features; condition: (N, P) positional codes.
+  Returns:
+    z (N, C) and log|det df/dx| (N,).
+  """
+  run = jax.vmap(_flow_one_fiber, in_axes=(None, None, 0, 0, None, None))
+  return run(params, permutations, fibers, condition, clamp, False)
+
+
+def inverse(params, permutations, z, condition, clamp=1.9):
+  """x = f^-1(z | c); returns x (N, C) and log|det df^-1/dz| (N,)."""
+  run = jax.vmap(_flow_one_fiber, in_axes=(None, None, 0, 0, None, None))
+  return run(params, permutations, z, condition, clamp, True)
+
+
+def log_prob(params, permutations, fibers, condition, clamp=1.9):
+  """log p(x | c) under a standard normal base, (N,): -C/2 ln 2pi - |z|^2 / 2 + log|det J|."""
+  z, log_det = forward(params, permutations, fibers, condition, clamp)
+  channels = fibers.shape[-1]
+  return channels * _LOG_NORMALIZER - 0.5 * jnp.sum(z * z, axis=-1) + log_det
+
+
+def nll_loss(log_probs, channels):
+  """The reference's training loss: mean over fibers of -logsigmoid(log p / C)."""
+  return -jnp.mean(jax.nn.log_sigmoid(log_probs / channels))
+
+
+def init_decoder(key, channels, condition_dim=128, coupling_blocks=8, permutation="hard"):
+  """Initial (params, permutations) of one decoder, blocks stacked along axis 0.
+
+  Subnet Linears follow PyTorch's default initialisation (uniform in +-1/sqrt(fan_in) for weights and
+  biases), the global affine starts as the identity, the permutations are drawn once here and never trained.
+  """
+  c1, c2 = split_sizes(channels)
+  d_in = c1 + condition_dim
+
+  def uniform(k, shape, fan_in):
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(k, shape, jnp.float32, -bound, bound)
+
+  def one_block(k):
+    k1, k2, k3, k4, k_perm = jax.random.split(k, 5)
+    params = {
+        "w1": uniform(k1, (d_in, 2 * d_in), d_in),
+        "b1": uniform(k2, (2 * d_in,), d_in),
+        "w2": uniform(k3, (2 * d_in, 2 * c2), 2 * d_in),
+        "b2": uniform(k4, (2 * c2,), 2 * d_in),
+        "global_scale": jnp.full((channels,), _GLOBAL_SCALE_INIT, jnp.float32),
+        "global_offset": jnp.zeros((channels,), jnp.float32),
+    }
+    if permutation == "hard":
+      perm = jax.random.permutation(k_perm, channels).astype(jnp.int32)
+    elif permutation == "soft":
+      perm = random_rotation(k_perm, channels)
+    else:
+      raise ValueError(f"permutation must be 'hard' or 'soft', got {permutation!r}")
+    return params, perm
+
+  return jax.vmap(one_block)(jax.random.split(key, coupling_blocks))
+
+
+def random_rotation(key, n):
+  """A Haar-random rotation (det +1), as scipy's special_ortho_group draws for O's soft permutation."""
+  q, r = jnp.linalg.qr(jax.random.normal(key, (n, n), jnp.float32))
+  q = q * jnp.sign(jnp.diag(r))[None, :]
+  # Flip one column if needed so that det = +1 (a rotation, not a reflection).
+  sign = jnp.sign(jnp.linalg.det(q))
+  return q.at[:, 0].multiply(sign)
+
+
+def count_params(params) -> int:
+  return sum(int(a.size) for a in jax.tree.leaves(params))
