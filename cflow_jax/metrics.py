@@ -72,7 +72,8 @@ def _check_scores(scores, name):
   if not finite.all():
     bad = np.unravel_index(np.flatnonzero(~finite)[0], scores.shape)
     raise UserError(
-        f"{name} has {int((~finite).sum())} NaN or infinite values (the first at index {tuple(map(int, bad))}); "
+        f"{name} has {int((~finite).sum())} NaN or infinite values "
+        f"(the first at index {tuple(map(int, bad))}); "
         "a diverged model or an empty image upstream is the usual cause")
   return scores
 
@@ -83,7 +84,9 @@ def _check_labels(labels, shape, name, scores_name):
     raise UserError(f"{scores_name} has shape {shape} but {name} has shape {labels.shape}; they must match")
   if labels.dtype != bool:
     if not ((labels == 0) | (labels == 1)).all():
-      raise UserError(f"{name} must be boolean or 0/1; found values {np.unique(labels)[:5].tolist()}...")
+      found = np.unique(labels)
+      raise UserError(f"{name} must be boolean or 0/1, found values {found[:5].tolist()}"
+                      f"{'...' if found.size > 5 else ''}; binarise 0/255 masks with mask > 0")
     labels = labels != 0
   return labels
 

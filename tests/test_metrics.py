@@ -1,4 +1,4 @@
-"""Metrics: AUROC and F1 equal scikit-learn's, AUPRO equals a naive per-threshold loop, bad input fails loudly."""
+"""Metrics: AUROC and F1 equal scikit-learn's, AUPRO a naive per-threshold loop; bad input fails loudly."""
 
 import numpy as np
 import pytest
@@ -180,7 +180,8 @@ def test_evaluate_rejects_maps_for_other_images():
 @pytest.mark.parametrize("call,message", [
     (lambda: metrics.auroc([0.1, 0.2], [0, 0]), "all normal"),
     (lambda: metrics.best_f1([0.1, 0.2], [1, 1]), "all anomalous"),
-    (lambda: metrics.auroc([0.1, np.nan, 0.3], [0, 1, 0]), r"1 NaN or infinite values \(the first at index \(1,\)\)"),
+    (lambda: metrics.auroc([0.1, np.nan, 0.3], [0, 1, 0]),
+     r"1 NaN or infinite values \(the first at index \(1,\)\)"),
     (lambda: metrics.auroc([0.1, 0.2, 0.3], [0, 1]), r"shape \(3,\) but labels has shape \(2,\)"),
     (lambda: metrics.auroc([0.1, 0.2], [0, 255]), "boolean or 0/1"),
     (lambda: metrics.auroc([], []), "empty"),
