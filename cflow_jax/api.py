@@ -1,0 +1,193 @@
+"""The functional API: create, fit, score, evaluate, load. The command line and the tests use these.
+
+    import cflow_jax as cf
+    config = cf.Config(backbone="vgg16_hed", image_size=128, meta_epochs=1, sub_epochs=2)
+    detector = cf.fit(config, cf.data.load("demo", "train", "brick"))
+    result = cf.evaluate(detector, cf.data.load("demo", "test", "brick"))
+    result.metrics["image_auroc"], result.maps.shape   # (N, 128, 128)
+"""
+
+import dataclasses
+import time
+from typing import Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cflow_jax import checkpoint, data, metrics, model as model_lib, train, weights
+from cflow_jax.anomaly_map import Normalization, anomaly_maps
+from cflow_jax.config import Config
+from cflow_jax.errors import UserError
+
+
+@dataclasses.dataclass
+class Detector:
+  """A trained CFLOW: the static model, the frozen encoder's variables, the decoders, the normalisation."""
+  model: model_lib.Model
+  encoder_variables: dict
+  params: tuple
+  permutations: tuple
+  normalization: Normalization
+  history: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def config(self) -> Config:
+    return self.model.config
+
+
+class Scores(NamedTuple):
+  scores: np.ndarray  # (N,) image scores: the max of each anomaly map
+  maps: np.ndarray  # (N, S, S) anomaly maps at input resolution, float32
+
+
+class Evaluation(NamedTuple):
+  metrics: dict
+  scores: np.ndarray
+  maps: np.ndarray
+  labels: np.ndarray
+  masks: np.ndarray | None
+  filenames: list
+
+
+def create(config: Config, encoder_variables=None) -> tuple[model_lib.Model, dict]:
+  """The model and its frozen encoder variables, loaded from `config.weights` unless given."""
+  model = model_lib.build(config)
+  if encoder_variables is None:
+    encoder_variables = weights.load_encoder_variables(config.backbone, config.weights)
+  return model, encoder_variables
+
+
+def _identity(config: Config, encoder_variables, train_set=None) -> dict:
+  identity = {"backbone": config.backbone, "weights": config.weights or "default",
+              "encoder_fingerprint": checkpoint.fingerprint(encoder_variables)}
+  if train_set is not None:
+    identity["dataset"] = f"{getattr(train_set, 'name', '?')}/{getattr(train_set, 'category', '?')}"
+    identity["train_images"] = len(train_set)
+  return identity
+
+
+def fit(config: Config, train_set, *, encoder_variables=None, workdir=None, progress=True,
+        log=print) -> Detector:
+  """Trains the decoders on `train_set` (good images only) and fixes the normalisation from it.
+
+  `train_set` is a `cflow_jax.data` image set. With a `workdir`, every epoch is checkpointed and an
+  interrupted run resumes where it stopped, with the same result as an uninterrupted one.
+  """
+  if len(train_set) == 0:
+    raise UserError("the training set is empty: it needs defect-free images in train/good")
+  model, encoder_variables = create(config, encoder_variables)
+  batch_size = min(config.batch_size, len(train_set))
+  batches_per_epoch = len(train_set) // batch_size  # the last partial batch is dropped, as the original
+
+  def train_batches(epoch):
+    for batch in data.batches(train_set, batch_size, config.image_size, seed=config.seed, epoch=epoch,
+                              rotation=config.rotation, drop_remainder=True):
+      yield batch["image"]
+
+  identity = _identity(config, encoder_variables, train_set)
+  state, history = train.fit(model, encoder_variables, train_batches, batches_per_epoch, batch_size,
+                             workdir=workdir, meta=identity, progress=progress, log=log)
+  began = time.perf_counter()
+  normalization = train.fit_normalization(
+      model, encoder_variables, state.params, state.permutations,
+      (b["image"] for b in data.batches(train_set, config.batch_size, config.image_size)))
+  history["normalization_seconds"] = time.perf_counter() - began
+  state = state._replace(normalization=normalization)
+  if workdir is not None:
+    train.save_final(workdir, state, config, identity, history)
+  return Detector(model, encoder_variables, state.params, state.permutations, normalization, history)
+
+
+def load(workdir, encoder_variables=None) -> Detector:
+  """A trained detector from a workdir's latest checkpoint (which must hold a finished run)."""
+  meta = checkpoint.read_meta(workdir)
+  if not meta.get("normalized"):
+    raise UserError(f"the run in {workdir} did not finish (stopped after epoch {meta.get('epoch')}): "
+                    "run train.py again with the same --workdir to resume it")
+  config = checkpoint.config_from_meta(meta)
+  model, encoder_variables = create(config, encoder_variables)
+  fingerprint = meta.get("identity", {}).get("encoder_fingerprint")
+  if fingerprint and fingerprint != checkpoint.fingerprint(encoder_variables):
+    raise UserError(f"the encoder weights differ from those the run in {workdir} was trained with "
+                    f"({meta['identity'].get('weights')})")
+  like = train.init_state(model, jax.random.key(0), train.make_optimizers(model, config, 1, 1))
+  state, meta = checkpoint.restore(workdir, like)
+  state = train.TrainState(*state)
+  return Detector(model, encoder_variables, state.params, state.permutations,
+                  Normalization(*state.normalization), meta.get("history", {}))
+
+
+def _as_batches(images, batch_size: int, image_size: int) -> Iterator[dict]:
+  if isinstance(images, np.ndarray) or isinstance(images, jax.Array):
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1:3] != (image_size, image_size):
+      raise UserError(f"images must be uint8 (N, {image_size}, {image_size}, 3); got {images.shape}")
+    for i in range(0, len(images), batch_size):
+      yield {"image": images[i:i + batch_size]}
+  else:
+    yield from data.batches(images, batch_size, image_size)
+
+
+def score_batches(detector: Detector, images, batch_size: int | None = None,
+                  normalization: str | None = None) -> Iterator[tuple[dict, np.ndarray, np.ndarray]]:
+  """Streams (batch, scores (B,), maps (B, S, S)) so that a large set never sits in memory at full
+  resolution. `normalization` ("train", "batch"; default: the config's) picks where the maxima come from;
+  "test_set" needs every image first: use `score`."""
+  config = detector.config
+  mode = normalization or config.normalization
+  if mode == "test_set":
+    raise UserError("test_set normalisation needs all images at once: use score(), not score_batches()")
+  batch_size = batch_size or config.batch_size
+  for batch in _as_batches(images, batch_size, config.image_size):
+    log_probs = model_lib.image_log_probs(detector.model, detector.encoder_variables, detector.params,
+                                          detector.permutations, batch["image"])
+    fixed = detector.normalization if mode == "train" else None
+    maps, scores = _maps(log_probs, config.image_size, fixed)
+    yield batch, np.asarray(scores), np.asarray(maps)
+
+
+_maps = jax.jit(anomaly_maps, static_argnums=1)
+
+
+def score(detector: Detector, images, batch_size: int | None = None,
+          normalization: str | None = None) -> Scores:
+  """Image scores and anomaly maps for a set of images (an image set or uint8 (N, S, S, 3))."""
+  mode = normalization or detector.config.normalization
+  if mode != "test_set":
+    parts = [(s, m) for _, s, m in score_batches(detector, images, batch_size, mode)]
+    return Scores(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+  # The original's whole-set maxima: two passes over the small per-layer log-likelihoods.
+  config = detector.config
+  log_probs = [model_lib.image_log_probs(detector.model, detector.encoder_variables, detector.params,
+                                         detector.permutations, b["image"])
+               for b in _as_batches(images, batch_size or config.batch_size, config.image_size)]
+  stacked = tuple(jnp.concatenate(layer) for layer in zip(*log_probs))
+  maps, scores = _maps(stacked, config.image_size, None)
+  return Scores(np.asarray(scores), np.asarray(maps))
+
+
+def evaluate(detector: Detector, test_set, batch_size: int | None = None,
+             normalization: str | None = None) -> Evaluation:
+  """Scores a labelled test set and computes every metric (image and, where masks exist, pixel level)."""
+  labels, masks, names, parts = [], [], [], []
+  mode = normalization or detector.config.normalization
+  began = time.perf_counter()
+  if mode == "test_set":
+    result = score(detector, test_set, batch_size, mode)
+    for batch in data.batches(test_set, batch_size or detector.config.batch_size,
+                              detector.config.image_size):
+      labels.append(batch["label"]), masks.append(batch["mask"]), names.extend(batch["filename"])
+    scores, maps = result
+  else:
+    for batch, s, m in score_batches(detector, test_set, batch_size, mode):
+      labels.append(batch["label"]), masks.append(batch["mask"]), names.extend(batch["filename"])
+      parts.append((s, m))
+    scores, maps = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+  seconds = time.perf_counter() - began
+  labels = np.concatenate(labels)
+  masks = np.concatenate(masks) if getattr(test_set, "has_masks", True) else None
+  results = metrics.evaluate(scores, labels, maps, masks)
+  results["score_seconds"] = seconds
+  results["score_images_per_s"] = len(scores) / max(seconds, 1e-9)
+  return Evaluation(results, scores, maps, labels, masks, names)

@@ -1,0 +1,90 @@
+"""Orbax checkpoints of a run: decoders, optimiser states, progress, config, encoder identity, normalisation.
+
+Orbax writes each checkpoint into a temporary folder and renames it only once complete, so a process killed
+mid-save leaves the previous checkpoint as the latest one that restores.
+"""
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from cflow_jax.config import Config
+from cflow_jax.errors import UserError
+
+# Fields that only change how scores are normalised, not what was trained: free to differ on resume.
+_SCORING_ONLY = ("normalization",)
+# Fields that may grow on resume: training longer continues the same run.
+_EXTENDABLE = ("meta_epochs",)
+
+
+def _manager(workdir) -> ocp.CheckpointManager:
+  path = pathlib.Path(workdir).absolute() / "checkpoints"
+  options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
+  return ocp.CheckpointManager(path, options=options)
+
+
+def latest_step(workdir) -> int | None:
+  if not (pathlib.Path(workdir) / "checkpoints").exists():
+    return None
+  with _manager(workdir) as manager:
+    return manager.latest_step()
+
+
+def save(workdir, step: int, state, meta: dict):
+  """Saves `state` (a pytree of arrays) and `meta` (JSON: config, encoder identity, progress) as `step`."""
+  with _manager(workdir) as manager:
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               meta=ocp.args.JsonSave(meta)), force=True)
+    manager.wait_until_finished()
+
+
+def restore(workdir, like_state, step: int | None = None):
+  """Restores (state, meta) of `step` (default: the latest), shaped like `like_state`."""
+  with _manager(workdir) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise UserError(f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}: train first "
+                      f"(python experiments/train.py --workdir={workdir})")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                             meta=ocp.args.JsonRestore()))
+  return restored["state"], restored["meta"]
+
+
+def read_meta(workdir, step: int | None = None) -> dict:
+  """The JSON part of a checkpoint alone (cheap: no arrays are read)."""
+  with _manager(workdir) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise UserError(f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}: train first "
+                      f"(python experiments/train.py --workdir={workdir})")
+    restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+  return restored["meta"]
+
+
+def check_compatible(saved: Config, requested: Config):
+  """A resumed run must train the same model the same way; say exactly what differs."""
+  old, new = dataclasses.asdict(saved), dataclasses.asdict(requested)
+  diffs = [f"{k}: checkpoint has {old[k]!r}, requested {new[k]!r}" for k in sorted(old)
+           if k not in _SCORING_ONLY and old[k] != new.get(k)
+           and not (k in _EXTENDABLE and new.get(k, 0) >= old[k])]
+  if diffs:
+    raise UserError("the workdir holds a run with a different config (use another --workdir, or the same "
+                    "flags): " + "; ".join(diffs))
+
+
+def fingerprint(tree) -> str:
+  """A short content hash of a pytree of arrays: identifies the encoder weights a run was trained with."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(tree):
+    digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def config_from_meta(meta: dict) -> Config:
+  return Config(**json.loads(meta["config"]))

@@ -1,0 +1,81 @@
+"""CFLOW as pure functions: a frozen encoder's tapped features, one conditional flow per tap.
+
+The model is three pytrees and a static description:
+  `encoder_variables` (frozen, never trained), `params` (one decoder's trainable parameters per tap),
+  `permutations` (fixed per tap), and a `Model` holding the config, the Flax encoder module and its spec.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from cflow_jax import encoders, flow
+from cflow_jax.config import Config
+from cflow_jax.positional import positional_encoding
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """What is fixed by the config: the encoder module and its spec. Hashable, so jit can close over it."""
+  config: Config
+  encoder: object  # flax.linen.Module
+  spec: encoders.EncoderSpec
+
+  @property
+  def channels(self) -> tuple[int, ...]:
+    return self.spec.channels
+
+  def feature_sizes(self, image_size=None) -> tuple[int, ...]:
+    size = image_size or self.config.image_size
+    return tuple(size // s for s in self.spec.strides)
+
+
+def build(config: Config) -> Model:
+  dtype = jnp.bfloat16 if config.encoder_dtype == "bfloat16" else jnp.float32
+  module, spec = encoders.create_encoder(config.backbone, padding=config.padding, dtype=dtype)
+  return Model(config, module, spec)
+
+
+def init_decoders(model: Model, key):
+  """(params, permutations): tuples with one decoder per tapped layer."""
+  c = model.config
+  keys = jax.random.split(key, len(model.channels))
+  decoders = [flow.init_decoder(k, ch, c.condition_dim, c.coupling_blocks, c.permutation)
+              for k, ch in zip(keys, model.channels)]
+  return tuple(d[0] for d in decoders), tuple(d[1] for d in decoders)
+
+
+def encode(model: Model, encoder_variables, images):
+  """uint8 RGB images (B, S, S, 3) -> tuple of feature maps (B, h, w, C), one per tap."""
+  return encoders.extract(model.encoder, model.spec, encoder_variables, images)
+
+
+def fibers_and_condition(features, condition_dim):
+  """Flattens one layer's features (B, h, w, C) to fibers (B*h*w, C) in (batch, row, column) order,
+  with the positional code of each fiber's position, (B*h*w, P)."""
+  b, h, w, c = features.shape
+  condition = positional_encoding(h, w, condition_dim).reshape(1, h * w, condition_dim)
+  condition = jnp.broadcast_to(condition, (b, h * w, condition_dim)).reshape(b * h * w, condition_dim)
+  return features.reshape(b * h * w, c), condition
+
+
+def layer_log_probs(model: Model, params, permutations, features):
+  """Per-fiber log p(x | c) / C for each tapped layer: a tuple of (B, h, w) arrays.
+
+  Dividing by C puts layers of different widths on one scale, as both references do before scoring.
+  """
+  out = []
+  for layer_params, layer_perms, f in zip(params, permutations, features):
+    b, h, w, c = f.shape
+    fibers, condition = fibers_and_condition(f.astype(jnp.float32), model.config.condition_dim)
+    log_p = flow.log_prob(layer_params, layer_perms, fibers, condition, model.config.clamp)
+    out.append((log_p / c).reshape(b, h, w))
+  return tuple(out)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def image_log_probs(model: Model, encoder_variables, params, permutations, images):
+  """uint8 images -> per-layer log p / C maps: the whole scoring forward pass, compiled once per batch shape."""
+  return layer_log_probs(model, params, permutations, encode(model, encoder_variables, images))

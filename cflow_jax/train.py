@@ -1,0 +1,231 @@
+"""Training the decoders (SPEC section 4): fibers, chunks, optax Adam with the reference schedule.
+
+Per image batch the frozen encoder runs once; then, per tapped layer, all B*h*w fibers and their positional
+codes are shuffled jointly with an explicit key and cut into chunks of N, one Adam step per chunk. The whole
+chunk loop of all layers is one compiled function (`make_train_batch`): a `lax.scan` per layer, traced once
+per feature shape, so Python runs once per image batch rather than once per optimiser step.
+
+Each decoder has its own Adam state (PyTorch 2's behaviour for one optimiser over all decoders: a decoder
+that got no gradient this step does not move).
+"""
+
+import time
+from typing import Callable, Iterable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from cflow_jax import checkpoint, flow, model as model_lib
+from cflow_jax.anomaly_map import Normalization, batch_layer_max, likelihood_map
+from cflow_jax.config import Config
+from cflow_jax.errors import UserError
+
+
+class TrainingDiverged(UserError):
+  """A loss became NaN or Inf."""
+
+
+def learning_rate(config: Config, batches_per_epoch: int) -> optax.Schedule:
+  """The learning rate as a function of the image-batch index.
+
+  "cosine" (the original): cosine decay to lr * 1e-3 over the meta-epochs, constant within a meta-epoch,
+  after a linear warm-up from lr / 10 over the first `warmup_epochs` meta-epochs, per image batch.
+  "constant" (anomalib): lr throughout.
+  """
+  if config.schedule == "constant":
+    return optax.constant_schedule(config.lr)
+  per_meta_epoch = batches_per_epoch * config.sub_epochs
+  cosine = optax.cosine_decay_schedule(config.lr, config.meta_epochs, alpha=1e-3)
+  warmup_batches = config.warmup_epochs * per_meta_epoch
+  if warmup_batches == 0:
+    return lambda batch: cosine(batch // per_meta_epoch)
+  warmup = optax.linear_schedule(config.lr / 10, cosine(config.warmup_epochs), warmup_batches)
+  after = lambda batch: cosine((batch + warmup_batches) // per_meta_epoch)
+  return optax.join_schedules([warmup, after], [warmup_batches])
+
+
+def chunks_per_batch(n_fibers: int, config: Config) -> int:
+  """Optimiser steps a layer takes per image batch."""
+  return max(n_fibers // config.fiber_batch, 1)
+
+
+def make_optimizers(model, config: Config, batch_size: int, batches_per_epoch: int):
+  """One Adam per decoder; its step count advances per chunk, the schedule per image batch."""
+  schedule = learning_rate(config, batches_per_epoch)
+  optimizers = []
+  for h in model.feature_sizes():
+    chunks = chunks_per_batch(batch_size * h * h, config)
+    optimizers.append(optax.adam(lambda step, c=chunks: schedule(step // c)))
+  return tuple(optimizers)
+
+
+def _chunk_indices(key, n: int, config: Config):
+  """A joint shuffle of n fibers cut into chunks: (main (K, N), last or None).
+
+  With `drop_remainder` the n mod N leftover fibers are skipped (the original); otherwise the last chunk
+  takes them (anomalib), so it is longer than N and gets its own step.
+  """
+  order = jax.random.permutation(key, n)
+  size = min(config.fiber_batch, n)
+  k = n // size
+  if config.drop_remainder or n % size == 0:
+    return order[:k * size].reshape(k, size), None
+  return order[:(k - 1) * size].reshape(k - 1, size), order[(k - 1) * size:]
+
+
+def make_train_batch(model, optimizers):
+  """Returns train_batch(params, opt_states, permutations, features, key) -> (params, opt_states, losses).
+
+  `losses` holds, per layer, the loss of every chunk. Jitted with params and optimiser states donated.
+  """
+  config = model.config
+
+  def train_layer(params, opt_state, permutations, optimizer, features, key):
+    fibers, condition = model_lib.fibers_and_condition(features, config.condition_dim)
+    channels = fibers.shape[-1]
+
+    def loss_fn(p, idx):
+      log_p = flow.log_prob(p, permutations, fibers[idx], condition[idx], config.clamp)
+      return flow.nll_loss(log_p, channels)
+
+    def step(carry, idx):
+      p, s = carry
+      loss, grads = jax.value_and_grad(loss_fn)(p, idx)
+      updates, s = optimizer.update(grads, s, p)
+      return (optax.apply_updates(p, updates), s), loss
+
+    main, last = _chunk_indices(key, fibers.shape[0], config)
+    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), main)
+    if last is not None:
+      (params, opt_state), last_loss = step((params, opt_state), last)
+      losses = jnp.concatenate([losses, last_loss[None]])
+    return params, opt_state, losses
+
+  def train_batch(params, opt_states, permutations, features, key):
+    keys = jax.random.split(key, len(features))
+    out = [train_layer(*args) for args in zip(params, opt_states, permutations, optimizers,
+                                               features, keys)]
+    return tuple(o[0] for o in out), tuple(o[1] for o in out), tuple(o[2] for o in out)
+
+  return jax.jit(train_batch, donate_argnums=(0, 1))
+
+
+class TrainState(NamedTuple):
+  """Everything a run saves and resumes from."""
+  params: tuple
+  opt_states: tuple
+  permutations: tuple
+  normalization: Normalization
+
+
+def init_state(model, key, optimizers) -> TrainState:
+  params, permutations = model_lib.init_decoders(model, key)
+  opt_states = tuple(opt.init(p) for opt, p in zip(optimizers, params))
+  layers = len(params)
+  return TrainState(params, opt_states, permutations,
+                    Normalization(jnp.zeros((layers,)), jnp.zeros(())))
+
+
+def batch_key(seed: int, epoch: int, batch: int):
+  """The shuffle key of one image batch: a pure function of (seed, epoch, batch), so a resumed run
+  shuffles exactly as an uninterrupted one."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed + 1), epoch), batch)
+
+
+def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.ndarray]],
+        batches_per_epoch: int, batch_size: int, *, workdir=None, meta: dict | None = None,
+        progress: bool = True, log: Callable[[str], None] = print) -> tuple[TrainState, dict]:
+  """Trains the decoders; returns (state, history).
+
+  Args:
+    train_batches: epoch -> iterable of uint8 image batches (B, S, S, 3); a pure function of the epoch
+      (same order and augmentation each time it is asked), which is what makes resuming exact.
+    batches_per_epoch, batch_size: what `train_batches` yields (every batch full).
+    workdir: if given, a checkpoint is written after every epoch and an existing one is resumed.
+    meta: JSON-able identity saved with each checkpoint (encoder weights, dataset).
+  """
+  config = model.config
+  optimizers = make_optimizers(model, config, batch_size, batches_per_epoch)
+  state = init_state(model, jax.random.key(config.seed), optimizers)
+  history = {"epoch_loss": [], "epoch_seconds": [], "fibers_per_epoch": 0}
+  start = 0
+  if workdir is not None and checkpoint.latest_step(workdir) is not None:
+    saved_meta = checkpoint.read_meta(workdir)
+    checkpoint.check_compatible(checkpoint.config_from_meta(saved_meta), config)
+    _check_same_encoder(saved_meta, meta)
+    state, saved_meta = checkpoint.restore(workdir, state)
+    state = TrainState(*state)
+    start, history = saved_meta["epoch"], saved_meta["history"]
+    if start:
+      log(f"resuming from the checkpoint after epoch {start} in {workdir}")
+
+  encode = jax.jit(lambda v, x: model_lib.encode(model, v, x))
+  train_batch = make_train_batch(model, optimizers)
+  fibers_per_batch = sum(batch_size * h * h for h in model.feature_sizes())
+  bar = tqdm(total=config.epochs * batches_per_epoch, initial=start * batches_per_epoch,
+             disable=not progress, unit="batch", dynamic_ncols=True)
+  for epoch in range(start, config.epochs):
+    began, losses = time.perf_counter(), []
+    for b, images in enumerate(train_batches(epoch)):
+      features = encode(encoder_variables, images)
+      params, opt_states, layer_losses = train_batch(state.params, state.opt_states, state.permutations,
+                                                      features, batch_key(config.seed, epoch, b))
+      state = state._replace(params=params, opt_states=opt_states)
+      layer_losses = [np.asarray(l) for l in layer_losses]
+      _check_finite(layer_losses, model, epoch, b, workdir)
+      losses.append(float(np.mean([l.mean() for l in layer_losses])))
+      elapsed = max(time.perf_counter() - began, 1e-9)
+      bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}",
+                      fibers_s=f"{fibers_per_batch * (b + 1) / elapsed:,.0f}")
+      bar.update()
+    history["epoch_loss"].append(float(np.mean(losses)) if losses else float("nan"))
+    history["epoch_seconds"].append(time.perf_counter() - began)
+    history["fibers_per_epoch"] = fibers_per_batch * batches_per_epoch
+    if workdir is not None:
+      checkpoint.save(workdir, epoch + 1, state, _meta(config, meta, epoch + 1, history))
+  bar.close()
+  return state, history
+
+
+def _meta(config, meta, epoch, history, normalized=False):
+  return {"config": config.to_json(), "identity": meta or {}, "epoch": epoch, "history": history,
+          "normalized": normalized}
+
+
+def _check_same_encoder(saved_meta, meta):
+  saved, now = saved_meta.get("identity", {}), meta or {}
+  if saved.get("encoder_fingerprint") and now.get("encoder_fingerprint") and \
+     saved["encoder_fingerprint"] != now["encoder_fingerprint"]:
+    raise UserError(f"the workdir's run used other encoder weights ({saved.get('weights')}); "
+                    f"use another --workdir or the same --weights")
+
+
+def _check_finite(layer_losses, model, epoch, batch, workdir):
+  for layer, losses in enumerate(layer_losses):
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+      kept = (f"the last good checkpoint in {workdir} is kept" if workdir is not None
+              else "no checkpoint was being written")
+      raise TrainingDiverged(
+          f"loss became {losses[bad[0]]} at epoch {epoch + 1}, image batch {batch + 1}, chunk {bad[0] + 1}, "
+          f"layer {model.spec.taps[layer]}; {kept}. Try a lower --lr or check the input data.")
+
+
+def fit_normalization(model, encoder_variables, params, permutations,
+                      batches: Iterable[np.ndarray]) -> Normalization:
+  """Fixed normalisation constants from (training) images: per-layer max of log p / C and the max of the
+  likelihood map, so that later scores do not depend on which images are scored together."""
+  log_probs = [model_lib.image_log_probs(model, encoder_variables, params, permutations, images)
+               for images in batches]
+  layer_max = jnp.max(jnp.stack([batch_layer_max(lp) for lp in log_probs]), axis=0)
+  map_max = max(float(jnp.max(likelihood_map(lp, layer_max, model.config.image_size)))
+                for lp in log_probs)
+  return Normalization(layer_max, jnp.asarray(map_max, jnp.float32))
+
+
+def save_final(workdir, state: TrainState, config: Config, meta: dict, history: dict):
+  """The finished run, with its normalisation, as the checkpoint after the last epoch."""
+  checkpoint.save(workdir, config.epochs, state, _meta(config, meta, config.epochs, history, True))
