@@ -1,0 +1,96 @@
+"""The input pipeline: batch contents, reproducible order and rotation, resizing, the background thread."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from cflow_jax import data
+from cflow_jax.data import input_pipeline
+
+
+def _examples(count: int, size=(60, 80)) -> list[dict]:
+  """In-memory stand-ins for an ImageSet: a bright square on black, the square as the mask."""
+  examples = []
+  for i in range(count):
+    image = np.zeros((*size, 3), np.uint8)
+    mask = np.zeros(size, np.uint8)
+    image[15:45, 25:55] = 255
+    mask[15:45, 25:55] = 1
+    examples.append(dict(image=image, mask=mask, label=i % 2, defect="good" if i % 2 == 0 else "dent",
+                         filename=f"{i:02d}.png"))
+  return examples
+
+
+def test_batch_contents_and_file_order():
+  batches = list(data.batches(_examples(10), 4, 32))
+  assert [len(b["label"]) for b in batches] == [4, 4, 2]
+  first = batches[0]
+  assert first["image"].shape == (4, 32, 32, 3) and first["image"].dtype == np.uint8
+  assert first["mask"].shape == (4, 32, 32) and set(np.unique(first["mask"])) == {0, 1}
+  assert first["label"].dtype == np.int32 and first["label"].tolist() == [0, 1, 0, 1]
+  assert first["defect"] == ["good", "dent", "good", "dent"]
+  assert sum((b["filename"] for b in batches), []) == [f"{i:02d}.png" for i in range(10)]
+  assert [len(b["label"]) for b in data.batches(_examples(10), 4, 32, drop_remainder=True)] == [4, 4]
+
+
+def test_shuffle_and_rotation_depend_on_seed_and_epoch_only():
+  examples = _examples(12)
+
+  def epoch(seed, number, prefetch=2):
+    return list(data.batches(examples, 5, 48, seed=seed, epoch=number, rotation=10.0, prefetch=prefetch))
+
+  again, synchronous, other_epoch = epoch(3, 1), epoch(3, 1, prefetch=0), epoch(3, 2)
+  for a, b in zip(epoch(3, 1), again):
+    assert a["filename"] == b["filename"] and np.array_equal(a["image"], b["image"])
+  for a, b in zip(again, synchronous):
+    assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["mask"], b["mask"])
+  order = [b["filename"] for b in again]
+  assert order != [b["filename"] for b in other_epoch]
+  assert sorted(sum(order, [])) == [f"{i:02d}.png" for i in range(12)]
+  unrotated = list(data.batches(examples, 5, 48, seed=3, epoch=1))
+  assert [b["filename"] for b in unrotated] == order, "the order does not depend on the rotation"
+  assert not np.array_equal(unrotated[0]["mask"], again[0]["mask"])
+  with pytest.raises(ValueError, match="seed"):
+    next(data.batches(examples, 5, 48, rotation=5.0))
+
+
+def test_rotation_turns_image_and_mask_together():
+  (batch,) = data.batches(_examples(8), 8, 64, seed=0, rotation=30.0)
+  for image, mask in zip(batch["image"][..., 0], batch["mask"]):
+    inside, outside = image[mask == 1], image[mask == 0]
+    assert inside.mean() > 230 and outside.mean() < 20
+
+
+def test_resize_is_antialiased_and_masks_stay_binary():
+  stripes = np.zeros((64, 64, 3), np.uint8)
+  stripes[:, ::2] = 255
+  example = dict(image=stripes, mask=(stripes[..., 0] // 255), label=1, defect="x", filename="s.png")
+  out = input_pipeline.preprocess(example, 16)
+  assert abs(out["image"].mean() - 127.5) < 3 and out["image"].std() < 8, "nearest would keep 0/255 stripes"
+  assert set(np.unique(out["mask"])) <= {0, 1}
+
+
+class _Failing(list):
+  def __getitem__(self, index):
+    if index == 6:
+      raise OSError("disk gone")
+    return super().__getitem__(index)
+
+
+def test_errors_reach_the_consumer_and_closing_stops_the_thread():
+  with pytest.raises(OSError, match="disk gone"):
+    list(data.batches(_Failing(_examples(10)), 2, 16))
+  iterator = data.batches(_examples(40), 2, 16, prefetch=3)
+  next(iterator)
+  iterator.close()
+  assert not [t for t in threading.enumerate() if t.name == "cflow_jax-prefetch"]
+
+
+def test_resized_once_gives_the_same_batches():
+  images = data.ImageSet(_examples(7), name="test", category="squares", split="train", has_masks=True)
+  resized = images.resized(32)
+  assert (resized[0]["image"].shape, resized.category, resized.has_masks) == ((32, 32, 3), "squares", True)
+  for a, b in zip(data.batches(images, 3, 32, seed=5, rotation=8.0),
+                  data.batches(resized, 3, 32, seed=5, rotation=8.0)):
+    assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["mask"], b["mask"])
