@@ -2,7 +2,7 @@
 
 import functools
 import http.server
-import io
+import shutil
 import sys
 import tarfile
 import threading
@@ -134,6 +134,7 @@ def served(tmp_path, monkeypatch):
 
 def _mvtec_archive(tmp_path: Path, archive: Path) -> bytes:
   _make_mvtec_layout(tmp_path / "archive" / "bottle")
+  _make_mvtec_layout(tmp_path / "archive" / "cable")
   (tmp_path / "archive" / "license.txt").write_text("CC BY-NC-SA 4.0")
   with tarfile.open(archive, "w:xz") as tar:
     for path in sorted((tmp_path / "archive").iterdir()):
@@ -151,7 +152,8 @@ def test_mvtec_download_is_checked_and_unpacked_once(tmp_path, served, monkeypat
   assert (len(test), test[2]["defect"]) == (3, "good")
   assert (tfds_dir / "downloads" / "mvtec_anomaly_detection.tar.xz").read_bytes() == payload
   assert (tfds_dir / "downloads" / "extracted" / "mvtec_anomaly_detection" / "bottle" / "train").is_dir()
-  assert len(data.load("mvtec_ad", "train", "bottle", tfds_dir=tfds_dir)) == 3
+  (folder / "mvtec_anomaly_detection.tar.xz").unlink()  # so another category must reuse the download
+  assert len(data.load("mvtec_ad", "train", "cable", tfds_dir=tfds_dir)) == 3
 
 
 def test_mvtec_download_with_a_wrong_checksum_is_refused(tmp_path, served, monkeypatch):
@@ -163,6 +165,25 @@ def test_mvtec_download_with_a_wrong_checksum_is_refused(tmp_path, served, monke
     data.load("mvtec_ad", "train", "bottle", tfds_dir=tmp_path / "tfds")
   assert not list((tmp_path / "tfds" / "downloads").glob("mvtec*")), "a refused download is not kept"
   assert not _prepared(tmp_path / "tfds")
+
+
+def test_magnetic_tile_download_and_split_rule(tmp_path, served, monkeypatch):
+  folder, url = served
+  top = tmp_path / "zip" / "Magnetic-tile-defect-datasets.-master"
+  for name, count in zip(files.MAGNETIC_TILE_CLASSES, (7, 2, 1, 1, 1, 1)):
+    for i in range(count):
+      _save(top / name / "Imgs" / f"exp{i}_num_{i}.jpg", np.full((30, 20), 100, np.uint8))
+      _save(top / name / "Imgs" / f"exp{i}_num_{i}.png", np.full((30, 20), 255 * (name != "MT_Free"), np.uint8))
+  shutil.make_archive(str(folder / "master"), "zip", tmp_path / "zip")
+  monkeypatch.setattr(builders, "MAGNETIC_TILE_URL", f"{url}/master.zip")
+  train = data.load("magnetic_tile", "train", tfds_dir=tmp_path / "tfds")
+  test = data.load("magnetic_tile", "test", tfds_dir=tmp_path / "tfds")
+  # Sorted MT_Free stems exp0..exp6: positions 0 and 5 are test/good, the other five train/good.
+  assert [train[i]["filename"] for i in range(len(train))] == [
+      f"MT_Free/Imgs/exp{i}_num_{i}.jpg" for i in (1, 2, 3, 4, 6)]
+  assert [test[i]["defect"] for i in range(len(test))] == ["good"] * 2 + ["blowhole"] * 2 + [
+      "break", "crack", "fray", "uneven"]
+  assert test[2]["image"].shape == (30, 20, 3) and test[2]["mask"].min() == 1
 
 
 # --- Errors a user can fix ---
@@ -186,13 +207,15 @@ def test_unknown_names_list_the_valid_ones(tmp_path):
     data.load("demo", "validation", "brick", tfds_dir=tmp_path)
 
 
-def test_truncated_image_is_named(tmp_path):
+def test_unreadable_or_truncated_image_is_named(tmp_path):
   root = tmp_path / "parts"
   _make_mvtec_layout(root)
   broken = root / "test" / "crack" / "001.png"
-  broken.write_bytes(broken.read_bytes()[:200])
-  with pytest.raises(UserError, match=str(broken)):
-    data.load("folder", "test", data_dir=root, tfds_dir=tmp_path / "tfds")
+  original = broken.read_bytes()
+  for content in (original[:200], b"not an image"):
+    broken.write_bytes(content)
+    with pytest.raises(UserError, match=f"Cannot read image {broken}"):
+      data.load("folder", "test", data_dir=root, tfds_dir=tmp_path / "tfds")
   assert not _prepared(tmp_path / "tfds")
 
 

@@ -19,7 +19,7 @@ from cflow_jax.data import demo, download, files
 from cflow_jax.errors import UserError
 
 FEATURES = tfds.features.FeaturesDict({
-    # (H, W, 3) uint8 once decoded: tfds repeats a greyscale image to the three channels asked for here.
+    # Encoded bytes as `files.read_image` gives them; grey files stay grey and become RGB when read.
     "image": tfds.features.Image(shape=(None, None, 3)),
     "mask": tfds.features.Image(shape=(None, None, 1)),  # 0/1
     "label": tfds.features.ClassLabel(names=["good", "anomalous"]),
@@ -42,7 +42,6 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """What the four builders share: features, splits, file order, a `source` folder."""
 
   VERSION = tfds.core.Version("1.0.0")
-  HAS_MASKS = True
   HOMEPAGE = None
   CITATION = None
 
@@ -62,7 +61,10 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return tfds.core.DatasetInfo(
         builder=self, description=self.__doc__, features=FEATURES, homepage=self.HOMEPAGE,
         citation=self.CITATION, disable_shuffling=True,
-        metadata=tfds.core.MetadataDict(has_masks=self.HAS_MASKS))
+        metadata=tfds.core.MetadataDict(has_masks=self._has_masks()))
+
+  def _has_masks(self) -> bool:
+    return True
 
   def _split_generators(self, dl_manager):
     root = self._root(dl_manager)
@@ -154,12 +156,14 @@ class AnomalyFolder(_Builder):
   """
 
   def __init__(self, *, source: Path, **kwargs):
-    self.HAS_MASKS = (source / "ground_truth").is_dir()
     super().__init__(source=source, config=tfds.core.BuilderConfig(name=_folder_config_name(source)),
                      **kwargs)
 
+  def _has_masks(self) -> bool:
+    return (self._source / "ground_truth").is_dir()
+
   def _generate_examples(self, root, split):
-    yield from files.mvtec_examples(root, split, has_masks=self.HAS_MASKS)
+    yield from files.mvtec_examples(root, split, has_masks=self._has_masks())
 
 
 class CflowDemo(_Builder):

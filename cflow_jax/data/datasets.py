@@ -114,7 +114,7 @@ def load(dataset: str, split: str, category: str | None = None, data_dir: str | 
   # Decoded here rather than by tfds, which would look for OpenCV first and warn when it is missing.
   encoded = {"image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()}
   return ImageSet(_Decoded(builder.as_data_source(split, decoders=encoded)), name=dataset, category=category,
-                  split=split,  has_masks=bool(builder.info.metadata["has_masks"]))
+                  split=split, has_masks=bool(builder.info.metadata["has_masks"]))
 
 
 def _decode(data: bytes, mode: str) -> np.ndarray:

@@ -58,10 +58,15 @@ def extract(archive: Path, dest: Path) -> Path:
     return dest
   partial = dest.with_name(f"{dest.name}.incomplete-{uuid.uuid4().hex}")
   try:
-    # filter="data" refuses members that would land outside `partial` (absolute paths, "..", links).
-    shutil.unpack_archive(archive, partial, filter="data")
+    if zipfile.is_zipfile(archive):
+      with zipfile.ZipFile(archive) as members:
+        members.extractall(partial)  # zipfile itself drops absolute paths and ".." from member names
+    else:
+      with tarfile.open(archive) as members:  # compression detected from the content
+        # filter="data" refuses members that would land outside `partial` (absolute paths, "..", links).
+        members.extractall(partial, filter="data")
     partial.rename(dest)
-  except (OSError, EOFError, shutil.ReadError, tarfile.TarError, zipfile.BadZipFile, lzma.LZMAError) as error:
+  except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile, lzma.LZMAError) as error:
     raise UserError(f"Cannot unpack {archive} ({error}); delete it and run again to fetch it.") from error
   finally:
     shutil.rmtree(partial, ignore_errors=True)

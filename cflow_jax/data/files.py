@@ -70,6 +70,13 @@ def empty_mask(size: tuple[int, int]) -> bytes:
   return png(np.zeros(size, np.uint8))
 
 
+def png(array: np.ndarray) -> bytes:
+  """PNG bytes of an 8-bit grey (H, W) or RGB (H, W, 3) array."""
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
 def example(root: Path, image_path: Path, defect: str, mask_path: Path | None) -> tuple[str, dict]:
   """(key, example) for one image; the key is the file's path below `root`, unique in the dataset."""
   image, size = read_image(image_path)
@@ -157,10 +164,3 @@ def _read_bytes(path: Path) -> bytes:
     return path.read_bytes()
   except OSError as error:
     raise UserError(f"Cannot read {path} ({error.strerror}).") from error
-
-
-def png(array: np.ndarray) -> bytes:
-  """PNG bytes of an 8-bit grey (H, W) or RGB (H, W, 3) array."""
-  buffer = io.BytesIO()
-  Image.fromarray(array).save(buffer, format="PNG")
-  return buffer.getvalue()
