@@ -172,6 +172,8 @@ class CflowDemo(_Builder):
   Made on the spot by `demo.py` (deterministic, nothing to download); see there for what it contains.
   """
 
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "Scratches thickened in numpy, not skimage.morphology: edges may move a pixel."}
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=c) for c in demo.TEXTURES]
 
   def _generate_examples(self, root, split):
