@@ -1,0 +1,135 @@
+"""Training: schedule, compile-once chunk loop, determinism, exact resume, divergence and config checks."""
+
+import math
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from cflow_jax import checkpoint, encoders, model as model_lib, train
+from cflow_jax.config import Config
+from cflow_jax.errors import UserError
+
+SMALL = Config(backbone="resnet18", image_size=64, coupling_blocks=2, fiber_batch=32, batch_size=4,
+               meta_epochs=2, sub_epochs=1, warmup_epochs=1, lr=1e-3)
+IMAGES = np.random.default_rng(0).integers(0, 256, (12, 64, 64, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def encoder_variables():
+  module, _ = encoders.create_encoder("resnet18")
+  return encoders.init_variables(module, jax.random.key(0), 64)
+
+
+def _batches(images, batch_size):
+  def per_epoch(epoch):
+    order = np.random.default_rng(epoch).permutation(len(images))
+    for i in range(len(images) // batch_size):
+      yield images[order[i * batch_size:(i + 1) * batch_size]]
+  return per_epoch
+
+
+def _fit(config, encoder_variables, workdir=None, batches=None):
+  model = model_lib.build(config)
+  batches = batches or _batches(IMAGES, config.batch_size)
+  return train.fit(model, encoder_variables, batches, len(IMAGES) // config.batch_size, config.batch_size,
+                   workdir=workdir, progress=False, log=lambda s: None)
+
+
+def _leaves(state):
+  return [np.asarray(a) for a in jax.tree.leaves((state.params, state.opt_states))]
+
+
+def test_reference_schedule_warms_up_then_decays_per_meta_epoch():
+  config = Config(lr=2e-4, meta_epochs=25, sub_epochs=8, warmup_epochs=2)
+  schedule = train.learning_rate(config, batches_per_epoch=5)
+  per_meta = 5 * 8
+  cosine = lambda e: 2e-7 + (2e-4 - 2e-7) * (1 + math.cos(math.pi * e / 25)) / 2
+  assert float(schedule(0)) == pytest.approx(2e-5)  # warm-up starts at lr / 10
+  # halfway through the warm-up: halfway to the cosine value at the end of the warm-up (original code)
+  assert float(schedule(per_meta)) == pytest.approx((2e-5 + cosine(2)) / 2, rel=1e-5)
+  for meta_epoch in (2, 3, 10, 24):  # constant within a meta-epoch, cosine across them
+    for batch in (0, per_meta - 1):
+      assert float(schedule(meta_epoch * per_meta + batch)) == pytest.approx(cosine(meta_epoch), rel=1e-5)
+  assert float(train.learning_rate(Config(schedule="constant", lr=1e-4), 5)(1234)) == pytest.approx(1e-4)
+
+
+def test_chunks_drop_or_absorb_the_remainder():
+  key = jax.random.key(0)
+  main, last = train._chunk_indices(key, 70, Config(fiber_batch=32))
+  assert main.shape == (2, 32) and last is None  # 6 fibers dropped (original)
+  main, last = train._chunk_indices(key, 70, Config(fiber_batch=32, drop_remainder=False))
+  assert main.shape == (1, 32) and last.shape == (38,)  # the last chunk takes them (anomalib)
+  everything = np.concatenate([np.asarray(main).ravel(), np.asarray(last)])
+  assert sorted(everything.tolist()) == list(range(70))  # a joint shuffle: each fiber exactly once
+
+
+def test_train_step_compiles_once_and_same_seed_gives_same_parameters(encoder_variables):
+  config = SMALL
+  model = model_lib.build(config)
+  optimizers = train.make_optimizers(model, config, config.batch_size, 3)
+  step = train.make_train_batch(model, optimizers)
+  state = train.init_state(model, jax.random.key(config.seed), optimizers)
+  encode = jax.jit(lambda v, x: model_lib.encode(model, v, x))
+  for epoch in range(2):
+    for b, images in enumerate(_batches(IMAGES, config.batch_size)(epoch)):
+      params, opt_states, losses = step(state.params, state.opt_states, state.permutations,
+                                        encode(encoder_variables, images), train.batch_key(42, epoch, b))
+      state = state._replace(params=params, opt_states=opt_states)
+  assert step._cache_size() == 1  # six image batches, two epochs, one compilation
+  assert [l.shape for l in losses] == [(8,), (2,), (1,)]  # 4*8*8/32, 4*4*4/32, max(4*2*2/32, 1)
+
+  first, _ = _fit(config, encoder_variables)
+  second, _ = _fit(config, encoder_variables)
+  for a, b in zip(_leaves(first), _leaves(second)):
+    np.testing.assert_array_equal(a, b)
+  other, _ = _fit(Config(**{**config.__dict__, "seed": 7}), encoder_variables)
+  assert not np.array_equal(np.asarray(other.params[0]["w1"]), np.asarray(first.params[0]["w1"]))
+
+
+def test_loss_decreases(encoder_variables):
+  config = Config(**{**SMALL.__dict__, "meta_epochs": 4})
+  _, history = _fit(config, encoder_variables)
+  assert history["epoch_loss"][-1] < history["epoch_loss"][0]
+
+
+def test_interrupted_run_resumes_to_the_same_result(encoder_variables, tmp_path):
+  config = SMALL
+  uninterrupted, _ = _fit(config, encoder_variables)
+
+  class Interrupt(Exception):
+    pass
+
+  def dies_in_second_epoch(epoch):
+    if epoch == 1:
+      raise Interrupt
+    yield from _batches(IMAGES, config.batch_size)(epoch)
+
+  with pytest.raises(Interrupt):
+    _fit(config, encoder_variables, tmp_path, dies_in_second_epoch)
+  assert checkpoint.latest_step(tmp_path) == 1
+  # A save killed half-way leaves only orbax's temporary folder, which is never taken as a checkpoint.
+  (tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-1234").mkdir()
+  assert checkpoint.latest_step(tmp_path) == 1
+  resumed, history = _fit(config, encoder_variables, tmp_path)
+  assert len(history["epoch_loss"]) == 2
+  for a, b in zip(_leaves(uninterrupted), _leaves(resumed)):
+    np.testing.assert_array_equal(a, b)  # bitwise on the CPU
+
+
+def test_resume_with_a_different_config_is_a_clear_error(encoder_variables, tmp_path):
+  _fit(Config(**{**SMALL.__dict__, "meta_epochs": 1}), encoder_variables, tmp_path)
+  with pytest.raises(UserError, match="fiber_batch: checkpoint has 32, requested 64"):
+    _fit(Config(**{**SMALL.__dict__, "fiber_batch": 64}), encoder_variables, tmp_path)
+
+
+def test_nan_loss_stops_with_step_and_layer_and_keeps_last_checkpoint(encoder_variables, tmp_path):
+  _fit(Config(**{**SMALL.__dict__, "meta_epochs": 1}), encoder_variables, tmp_path)
+  # Continue the same run with an encoder whose last stage emits NaN: the deepest layer's loss is NaN.
+  poisoned = {**encoder_variables, "params": dict(encoder_variables["params"])}
+  poisoned["params"]["layer4_1"] = jax.tree.map(lambda a: a * np.nan, poisoned["params"]["layer4_1"])
+  with pytest.raises(train.TrainingDiverged, match=r"epoch 2, image batch 1, chunk 1, layer layer4") as err:
+    _fit(SMALL, poisoned, tmp_path)
+  assert "last good checkpoint" in str(err.value)
+  assert checkpoint.latest_step(tmp_path) == 1
