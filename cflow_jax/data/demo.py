@@ -3,7 +3,7 @@
 The photographs are scikit-image's bundled 512x512 greyscale textures (`skimage.data.brick/grass/gravel`,
 shipped inside the wheel, so nothing is downloaded). Training crops come from the top 320 rows of a
 texture, test crops from the bottom 192, so no test pixel was seen in training. A defect changes only the
-pixels of its mask, and all of them:
+pixels of its mask (so the mask is exact):
   scratch  a thin bright or dark polyline;           hole   a dark ellipse;
   stain    a darkened blob of overlapping ellipses;  patch  a rectangle of another of the textures.
 Everything is drawn with numpy generators seeded from the category and split names: the same bytes on
