@@ -52,8 +52,9 @@ class Pretrained:
 _TIMM_RELEASES = "https://github.com/huggingface/pytorch-image-models/releases/download"
 # (backbone, set) -> file. torchvision's are the IMAGENET1K_V1 weights the original CFLOW code loads. timm's
 # are the untagged defaults anomalib loads (resnet18.a1_in1k, wide_resnet50_2.racm_in1k, resnet34.a1_in1k),
-# taken from the release files timm's pretrained configs list, whose names carry a sha256 prefix; the
-# Hugging Face copies (model.safetensors) hold the same tensors and load as local files.
+# taken from the release files timm's pretrained configs list as their `url`: their names carry a sha256
+# prefix we can check, which the Hugging Face hub copies (model.safetensors) do not publish in a form we
+# pinned. A model.safetensors downloaded by hand loads as a file path.
 PRETRAINED = {
     ("resnet18", "torchvision"): Pretrained(
         "https://download.pytorch.org/models/resnet18-f37072fd.pth",
