@@ -111,7 +111,7 @@ def load(workdir, encoder_variables=None) -> Detector:
   if fingerprint and fingerprint != checkpoint.fingerprint(encoder_variables):
     raise UserError(f"the encoder weights differ from those the run in {workdir} was trained with "
                     f"({meta['identity'].get('weights')})")
-  like = train.init_state(model, jax.random.key(0), train.make_optimizers(model, config, 1, 1))
+  like = train.init_state(model, jax.random.key(0), train.make_optimizers(model, 1, 1))
   state, meta = checkpoint.restore(workdir, like)
   state = train.TrainState(*state)
   return Detector(model, encoder_variables, state.params, state.permutations,

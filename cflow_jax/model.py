@@ -18,10 +18,14 @@ from cflow_jax.positional import positional_encoding
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-  """What is fixed by the config: the encoder module and its spec. Hashable, so jit can close over it."""
+  """What is fixed by the config: the encoder module and its spec.
+
+  Equal and hashed by config (the rest follows from it), so that compiled functions taking a model as a
+  static argument are reused by every model built from the same config.
+  """
   config: Config
-  encoder: object  # flax.linen.Module
-  spec: encoders.EncoderSpec
+  encoder: object = dataclasses.field(compare=False)  # flax.linen.Module
+  spec: encoders.EncoderSpec = dataclasses.field(compare=False)
 
   @property
   def channels(self) -> tuple[int, ...]:
@@ -47,6 +51,7 @@ def init_decoders(model: Model, key):
   return tuple(d[0] for d in decoders), tuple(d[1] for d in decoders)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def encode(model: Model, encoder_variables, images):
   """uint8 RGB images (B, S, S, 3) -> tuple of feature maps (B, h, w, C), one per tap."""
   return encoders.extract(model.encoder, model.spec, encoder_variables, images)

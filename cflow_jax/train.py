@@ -9,6 +9,7 @@ Each decoder has its own Adam state (PyTorch 2's behaviour for one optimiser ove
 that got no gradient this step does not move).
 """
 
+import functools
 import time
 from typing import Callable, Iterable, NamedTuple
 
@@ -52,8 +53,9 @@ def chunks_per_batch(n_fibers: int, config: Config) -> int:
   return max(n_fibers // config.fiber_batch, 1)
 
 
-def make_optimizers(model, config: Config, batch_size: int, batches_per_epoch: int):
+def make_optimizers(model, batch_size: int, batches_per_epoch: int):
   """One Adam per decoder; its step count advances per chunk, the schedule per image batch."""
+  config = model.config
   schedule = learning_rate(config, batches_per_epoch)
   optimizers = []
   for h in model.feature_sizes():
@@ -76,12 +78,15 @@ def _chunk_indices(key, n: int, config: Config):
   return order[:(k - 1) * size].reshape(k - 1, size), order[(k - 1) * size:]
 
 
-def make_train_batch(model, optimizers):
+@functools.lru_cache(maxsize=8)
+def make_train_batch(model, batch_size: int, batches_per_epoch: int):
   """Returns train_batch(params, opt_states, permutations, features, key) -> (params, opt_states, losses).
 
-  `losses` holds, per layer, the loss of every chunk. Jitted with params and optimiser states donated.
+  `losses` holds, per layer, the loss of every chunk. Jitted with params and optimiser states donated;
+  cached, so runs with the same config and data sizes share one compilation.
   """
   config = model.config
+  optimizers = make_optimizers(model, batch_size, batches_per_epoch)
 
   def train_layer(params, opt_state, permutations, optimizer, features, key):
     fibers, condition = model_lib.fibers_and_condition(features, config.condition_dim)
@@ -148,7 +153,7 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
     meta: JSON-able identity saved with each checkpoint (encoder weights, dataset).
   """
   config = model.config
-  optimizers = make_optimizers(model, config, batch_size, batches_per_epoch)
+  optimizers = make_optimizers(model, batch_size, batches_per_epoch)
   state = init_state(model, jax.random.key(config.seed), optimizers)
   history = {"epoch_loss": [], "epoch_seconds": [], "fibers_per_epoch": 0}
   start = 0
@@ -162,15 +167,14 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
     if start:
       log(f"resuming from the checkpoint after epoch {start} in {workdir}")
 
-  encode = jax.jit(lambda v, x: model_lib.encode(model, v, x))
-  train_batch = make_train_batch(model, optimizers)
+  train_batch = make_train_batch(model, batch_size, batches_per_epoch)
   fibers_per_batch = sum(batch_size * h * h for h in model.feature_sizes())
   bar = tqdm(total=config.epochs * batches_per_epoch, initial=start * batches_per_epoch,
              disable=not progress, unit="batch", dynamic_ncols=True)
   for epoch in range(start, config.epochs):
     began, losses = time.perf_counter(), []
     for b, images in enumerate(train_batches(epoch)):
-      features = encode(encoder_variables, images)
+      features = model_lib.encode(model, encoder_variables, images)
       params, opt_states, layer_losses = train_batch(state.params, state.opt_states, state.permutations,
                                                       features, batch_key(config.seed, epoch, b))
       state = state._replace(params=params, opt_states=opt_states)
