@@ -1,0 +1,13 @@
+"""cflow_jax: CFLOW-AD (Gudovskiy et al., WACV 2022) in pure JAX.
+
+The functional API (see api.py): `fit` a detector on good images, `score` new ones (image scores and
+anomaly maps), `evaluate` a labelled test set, `load` a trained run from its workdir.
+"""
+
+from cflow_jax import data
+from cflow_jax.api import Detector, Evaluation, Scores, create, evaluate, fit, load, score, score_batches
+from cflow_jax.config import Config
+from cflow_jax.errors import UserError
+
+__all__ = ["Config", "Detector", "Evaluation", "Scores", "UserError", "create", "data", "evaluate", "fit",
+           "load", "score", "score_batches"]

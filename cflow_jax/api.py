@@ -139,12 +139,16 @@ def score_batches(detector: Detector, images, batch_size: int | None = None,
   if mode == "test_set":
     raise UserError("test_set normalisation needs all images at once: use score(), not score_batches()")
   batch_size = batch_size or config.batch_size
+  fixed = detector.normalization if mode == "train" else None
   for batch in _as_batches(images, batch_size, config.image_size):
+    x, n = batch["image"], len(batch["image"])
+    if fixed is not None and n < batch_size:
+      # Pad a short last batch to the compiled shape; with fixed constants each image is scored alone.
+      x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
     log_probs = model_lib.image_log_probs(detector.model, detector.encoder_variables, detector.params,
-                                          detector.permutations, batch["image"])
-    fixed = detector.normalization if mode == "train" else None
+                                          detector.permutations, x)
     maps, scores = _maps(log_probs, config.image_size, fixed)
-    yield batch, np.asarray(scores), np.asarray(maps)
+    yield batch, np.asarray(scores)[:n], np.asarray(maps)[:n]
 
 
 _maps = jax.jit(anomaly_maps, static_argnums=1)

@@ -38,6 +38,10 @@ def latest_step(workdir) -> int | None:
 def save(workdir, step: int, state, meta: dict):
   """Saves `state` (a pytree of arrays) and `meta` (JSON: config, encoder identity, progress) as `step`."""
   with _manager(workdir) as manager:
+    if step in manager.all_steps():
+      # Replacing a step (the finished run's normalisation after its last epoch): a kill between delete
+      # and save leaves the previous epoch's checkpoint, from which a resume redoes the same work.
+      manager.delete(step)
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                meta=ocp.args.JsonSave(meta)), force=True)
     manager.wait_until_finished()
