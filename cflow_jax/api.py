@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cflow_jax import checkpoint, data, metrics, model as model_lib, train, weights
+from cflow_jax import checkpoint, data, metrics, model as model_lib, sharding, train, weights
 from cflow_jax.anomaly_map import Normalization, anomaly_maps
 from cflow_jax.config import Config
 from cflow_jax.errors import UserError
@@ -139,14 +139,17 @@ def score_batches(detector: Detector, images, batch_size: int | None = None,
   if mode == "test_set":
     raise UserError("test_set normalisation needs all images at once: use score(), not score_batches()")
   batch_size = batch_size or config.batch_size
-  fixed = detector.normalization if mode == "train" else None
+  mesh = sharding.data_mesh()
+  encoder_variables, params, permutations, normalization = sharding.replicate(
+      (detector.encoder_variables, detector.params, detector.permutations, detector.normalization), mesh)
+  fixed = normalization if mode == "train" else None
   for batch in _as_batches(images, batch_size, config.image_size):
     x, n = batch["image"], len(batch["image"])
     if fixed is not None and n < batch_size:
       # Pad a short last batch to the compiled shape; with fixed constants each image is scored alone.
       x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
-    log_probs = model_lib.image_log_probs(detector.model, detector.encoder_variables, detector.params,
-                                          detector.permutations, x)
+    log_probs = model_lib.image_log_probs(detector.model, encoder_variables, params, permutations,
+                                          sharding.shard_batch(x, mesh))
     maps, scores = _maps(log_probs, config.image_size, fixed)
     yield batch, np.asarray(scores)[:n], np.asarray(maps)[:n]
 

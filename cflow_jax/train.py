@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from cflow_jax import checkpoint, flow, model as model_lib
+from cflow_jax import checkpoint, flow, model as model_lib, sharding
 from cflow_jax.anomaly_map import Normalization, batch_layer_max, likelihood_map
 from cflow_jax.config import Config
 from cflow_jax.errors import UserError
@@ -79,11 +79,12 @@ def _chunk_indices(key, n: int, config: Config):
 
 
 @functools.lru_cache(maxsize=8)
-def make_train_batch(model, batch_size: int, batches_per_epoch: int):
+def make_train_batch(model, batch_size: int, batches_per_epoch: int, mesh=None):
   """Returns train_batch(params, opt_states, permutations, features, key) -> (params, opt_states, losses).
 
   `losses` holds, per layer, the loss of every chunk. Jitted with params and optimiser states donated;
-  cached, so runs with the same config and data sizes share one compilation.
+  cached, so runs with the same config and data sizes share one compilation. With a `mesh` of several
+  devices each chunk's fibers are split over them (data parallelism; gradients are all-reduced by XLA).
   """
   config = model.config
   optimizers = make_optimizers(model, batch_size, batches_per_epoch)
@@ -93,7 +94,9 @@ def make_train_batch(model, batch_size: int, batches_per_epoch: int):
     channels = fibers.shape[-1]
 
     def loss_fn(p, idx):
-      log_p = flow.log_prob(p, permutations, fibers[idx], condition[idx], config.clamp)
+      x = sharding.constrain_fibers(fibers[idx], mesh)
+      c = sharding.constrain_fibers(condition[idx], mesh)
+      log_p = flow.log_prob(p, permutations, x, c, config.clamp)
       return flow.nll_loss(log_p, channels)
 
     def step(carry, idx):
@@ -142,7 +145,7 @@ def batch_key(seed: int, epoch: int, batch: int):
 
 def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.ndarray]],
         batches_per_epoch: int, batch_size: int, *, workdir=None, meta: dict | None = None,
-        progress: bool = True, log: Callable[[str], None] = print) -> tuple[TrainState, dict]:
+        progress: bool = True, log: Callable[[str], None] = print, mesh=None) -> tuple[TrainState, dict]:
   """Trains the decoders; returns (state, history).
 
   Args:
@@ -151,6 +154,7 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
     batches_per_epoch, batch_size: what `train_batches` yields (every batch full).
     workdir: if given, a checkpoint is written after every epoch and an existing one is resumed.
     meta: JSON-able identity saved with each checkpoint (encoder weights, dataset).
+    mesh: devices to train on, data-parallel (default: all of them, `sharding.data_mesh()`).
   """
   config = model.config
   optimizers = make_optimizers(model, batch_size, batches_per_epoch)
@@ -167,14 +171,17 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
     if start:
       log(f"resuming from the checkpoint after epoch {start} in {workdir}")
 
-  train_batch = make_train_batch(model, batch_size, batches_per_epoch)
+  mesh = sharding.data_mesh() if mesh is None else mesh
+  state = sharding.replicate(state, mesh)
+  encoder_variables = sharding.replicate(encoder_variables, mesh)
+  train_batch = make_train_batch(model, batch_size, batches_per_epoch, mesh if mesh.size > 1 else None)
   fibers_per_batch = sum(batch_size * h * h for h in model.feature_sizes())
   bar = tqdm(total=config.epochs * batches_per_epoch, initial=start * batches_per_epoch,
              disable=not progress, unit="batch", dynamic_ncols=True)
   for epoch in range(start, config.epochs):
     began, losses = time.perf_counter(), []
     for b, images in enumerate(train_batches(epoch)):
-      features = model_lib.encode(model, encoder_variables, images)
+      features = model_lib.encode(model, encoder_variables, sharding.shard_batch(images, mesh))
       params, opt_states, layer_losses = train_batch(state.params, state.opt_states, state.permutations,
                                                       features, batch_key(config.seed, epoch, b))
       state = state._replace(params=params, opt_states=opt_states)
