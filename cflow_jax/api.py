@@ -77,6 +77,8 @@ def fit(config: Config, train_set, *, encoder_variables=None, workdir=None, prog
   if len(train_set) == 0:
     raise UserError("the training set is empty: it needs defect-free images in train/good")
   model, encoder_variables = create(config, encoder_variables)
+  if config.epochs > 1 and hasattr(train_set, "resized"):
+    train_set = train_set.resized(config.image_size)  # decode and resize once, not every epoch
   batch_size = min(config.batch_size, len(train_set))
   batches_per_epoch = len(train_set) // batch_size  # the last partial batch is dropped, as the original
 

@@ -179,5 +179,13 @@ def random_rotation(key, n):
   return q.at[:, 0].multiply(sign)
 
 
+def forward_flops(channels: int, condition_dim: int = 128, coupling_blocks: int = 8) -> int:
+  """Multiply-add FLOPs of one fiber's forward pass (the subnet matmuls; everything else is O(C)).
+  A training step costs about three times this (forward, and the backward's two matmuls per layer)."""
+  c1, c2 = split_sizes(channels)
+  d_in = c1 + condition_dim
+  return coupling_blocks * 2 * (d_in * 2 * d_in + 2 * d_in * 2 * c2)
+
+
 def count_params(params) -> int:
   return sum(int(a.size) for a in jax.tree.leaves(params))

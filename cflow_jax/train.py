@@ -78,13 +78,12 @@ def _chunk_indices(key, n: int, config: Config):
   return order[:(k - 1) * size].reshape(k - 1, size), order[(k - 1) * size:]
 
 
-@functools.lru_cache(maxsize=8)
-def make_train_batch(model, batch_size: int, batches_per_epoch: int, mesh=None):
-  """Returns train_batch(params, opt_states, permutations, features, key) -> (params, opt_states, losses).
+def train_batch_fn(model, batch_size: int, batches_per_epoch: int, mesh=None):
+  """The pure function train_batch(params, opt_states, permutations, features, key)
+  -> (params, opt_states, losses), where `losses` holds, per layer, the loss of every chunk.
 
-  `losses` holds, per layer, the loss of every chunk. Jitted with params and optimiser states donated;
-  cached, so runs with the same config and data sizes share one compilation. With a `mesh` of several
-  devices each chunk's fibers are split over them (data parallelism; gradients are all-reduced by XLA).
+  With a `mesh` of several devices each chunk's fibers are split over them (data parallelism; XLA
+  all-reduces the gradients).
   """
   config = model.config
   optimizers = make_optimizers(model, batch_size, batches_per_epoch)
@@ -118,7 +117,14 @@ def make_train_batch(model, batch_size: int, batches_per_epoch: int, mesh=None):
                                                features, keys)]
     return tuple(o[0] for o in out), tuple(o[1] for o in out), tuple(o[2] for o in out)
 
-  return jax.jit(train_batch, donate_argnums=(0, 1))
+  return train_batch
+
+
+@functools.lru_cache(maxsize=8)
+def make_train_batch(model, batch_size: int, batches_per_epoch: int, mesh=None):
+  """`train_batch_fn` jitted, with parameters and optimiser states donated. Cached, so runs with the same
+  config and data sizes share one compilation."""
+  return jax.jit(train_batch_fn(model, batch_size, batches_per_epoch, mesh), donate_argnums=(0, 1))
 
 
 class TrainState(NamedTuple):

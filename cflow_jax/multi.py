@@ -1,0 +1,79 @@
+"""Several categories in one program: the decoders of K categories stacked and trained with `jax.vmap`.
+
+The frozen encoder is shared: each step encodes the K categories' image batches as one batch of K*B
+images, then one compiled, vmapped step trains the K sets of decoders on their own fibers. The categories
+advance in lockstep, so an epoch has as many image batches as the smallest category gives; a larger
+category sees a different random subset of its images every epoch. No checkpoints are written: use `fit`
+per category for long, resumable runs.
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from cflow_jax import api, data, model as model_lib, train
+from cflow_jax.config import Config
+from cflow_jax.errors import UserError
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def _unstack(tree, k):
+  return [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(k)]
+
+
+def fit_many(config: Config, train_sets: dict, *, encoder_variables=None, progress=True) -> dict:
+  """Trains one detector per entry of `train_sets` ({category: image set}); returns {category: Detector}.
+
+  Each category starts from the same initial decoders a separate `fit` would use (the config's seed).
+  """
+  names = list(train_sets)
+  if not names:
+    raise UserError("fit_many needs at least one training set")
+  model, encoder_variables = api.create(config, encoder_variables)
+  train_sets = {n: s.resized(config.image_size) for n, s in train_sets.items()}
+  batch_size = min(config.batch_size, *(len(s) for s in train_sets.values()))
+  batches_per_epoch = min(len(s) for s in train_sets.values()) // batch_size
+  if batches_per_epoch == 0:
+    raise UserError("a training set is empty: each category needs defect-free images in train/good")
+  k = len(names)
+  optimizers = train.make_optimizers(model, batch_size, batches_per_epoch)
+  one = train.init_state(model, jax.random.key(config.seed), optimizers)
+  params, opt_states = _stack([one.params] * k), _stack([one.opt_states] * k)
+  permutations = _stack([one.permutations] * k)
+  step = jax.jit(jax.vmap(train.train_batch_fn(model, batch_size, batches_per_epoch)), donate_argnums=(0, 1))
+
+  history = {"epoch_seconds": [], "epoch_loss": [], "fibers_per_epoch":
+             k * batches_per_epoch * sum(batch_size * h * h for h in model.feature_sizes())}
+  bar = tqdm(total=config.epochs * batches_per_epoch, disable=not progress, unit="batch")
+  for epoch in range(config.epochs):
+    began, losses = time.perf_counter(), []
+    streams = [data.batches(train_sets[n], batch_size, config.image_size, seed=config.seed, epoch=epoch,
+                            rotation=config.rotation, drop_remainder=True) for n in names]
+    for b in range(batches_per_epoch):
+      images = np.concatenate([next(s)["image"] for s in streams])  # (K*B, S, S, 3)
+      features = model_lib.encode(model, encoder_variables, images)
+      features = tuple(f.reshape((k, batch_size) + f.shape[1:]) for f in features)
+      keys = jnp.stack([train.batch_key(config.seed, epoch, b)] * k)
+      params, opt_states, layer_losses = step(params, opt_states, permutations, features, keys)
+      losses.append(float(np.mean([np.mean(l) for l in layer_losses])))
+      bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}")
+      bar.update()
+    for s in streams:
+      s.close()
+    history["epoch_seconds"].append(time.perf_counter() - began)
+    history["epoch_loss"].append(float(np.mean(losses)))
+  bar.close()
+
+  detectors = {}
+  for name, p, q in zip(names, _unstack(params, k), _unstack(permutations, k)):
+    normalization = train.fit_normalization(
+        model, encoder_variables, p, q,
+        (b["image"] for b in data.batches(train_sets[name], config.batch_size, config.image_size)))
+    detectors[name] = api.Detector(model, encoder_variables, p, q, normalization, dict(history))
+  return detectors

@@ -1,0 +1,124 @@
+"""Throughput of training and scoring, with FLOP counts and the fraction of this machine's matmul rate.
+
+    python experiments/bench_speed.py --backbone=vgg16_hed --image_size=256 --batch_size=8
+    python experiments/bench_speed.py --backbone=wide_resnet50_2 --random_weights   # speed only
+
+FLOPs: the encoder's from XLA's cost analysis of the compiled function, the decoders' counted from their
+matmul shapes (XLA counts a `lax.scan` body once, not once per block). The reference rate is a 4096^2
+matmul measured in the same process (f32, and bf16 with f32 accumulation). Timings are the best of
+--repeats.
+"""
+
+import json
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from cflow_jax import api, encoders, flow, model as model_lib, train
+from cflow_jax.anomaly_map import Normalization, anomaly_maps
+from cflow_jax.config import Config
+
+flags.DEFINE_string("backbone", "vgg16_hed", "Encoder.")
+flags.DEFINE_integer("image_size", 256, "Input size.")
+flags.DEFINE_integer("batch_size", 8, "Images per batch.")
+flags.DEFINE_integer("fiber_batch", 256, "Fibers per optimiser step (N).")
+flags.DEFINE_enum("encoder_dtype", "float32", ["float32", "bfloat16"], "Encoder precision.")
+flags.DEFINE_bool("random_weights", False, "Random encoder weights (speed only; no download needed).")
+flags.DEFINE_integer("repeats", 3, "Timed repetitions (the best is kept).")
+flags.DEFINE_string("out", None, "Write the figures to this JSON file.")
+FLAGS = flags.FLAGS
+
+
+def best_time(fn, repeats):
+  jax.block_until_ready(fn())  # compile and warm up
+  times = []
+  for _ in range(repeats):
+    began = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - began)
+  return min(times)
+
+
+def flops_of(jitted, *args):
+  cost = jitted.lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan")))
+
+
+def matmul_rate(dtype, repeats, n=4096):
+  a = jax.random.normal(jax.random.key(0), (n, n)).astype(dtype)
+  mm = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+  return 2 * n ** 3 / best_time(lambda: mm(a, a), repeats)
+
+
+def main(_):
+  config = Config(backbone=FLAGS.backbone, image_size=FLAGS.image_size, batch_size=FLAGS.batch_size,
+                  fiber_batch=FLAGS.fiber_batch, encoder_dtype=FLAGS.encoder_dtype, rotation=0.0)
+  model = model_lib.build(config)
+  if FLAGS.random_weights:
+    variables = encoders.init_variables(model.encoder, jax.random.key(0), config.image_size)
+  else:
+    variables = api.create(config)[1]
+  b, s = config.batch_size, config.image_size
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (b, s, s, 3), dtype=np.uint8))
+  state = train.init_state(model, jax.random.key(0), train.make_optimizers(model, b, 1))
+  step = train.make_train_batch(model, b, 1)
+  features = model_lib.encode(model, variables, images)
+  key = jax.random.key(1)
+  fibers = sum(b * h * h for h in model.feature_sizes())
+  steps = sum(train.chunks_per_batch(b * h * h, config) for h in model.feature_sizes())
+  fixed = Normalization(jnp.zeros(len(model.channels)), jnp.asarray(len(model.channels), jnp.float32))
+  score = jax.jit(lambda v, p, q, x: anomaly_maps(
+      model_lib.layer_log_probs(model, p, q, model_lib.encode(model, v, x)), s, fixed))
+
+  # The train step donates its parameters: give it fresh copies each call.
+  fresh = lambda: jax.tree.map(jnp.copy, (state.params, state.opt_states))
+  train_call = lambda: step(*fresh(), state.permutations, features, key)
+  figures = {
+      "backbone": config.backbone, "image_size": s, "batch_size": b, "fiber_batch": config.fiber_batch,
+      "encoder_dtype": config.encoder_dtype, "devices": [str(d) for d in jax.devices()],
+      "matmul_f32_gflops": matmul_rate(jnp.float32, FLAGS.repeats) / 1e9,
+      "matmul_bf16_gflops": matmul_rate(jnp.bfloat16, FLAGS.repeats) / 1e9,
+  }
+  copy_seconds = best_time(fresh, FLAGS.repeats)
+  encode_seconds = best_time(lambda: model_lib.encode(model, variables, images), FLAGS.repeats)
+  train_seconds = best_time(train_call, FLAGS.repeats) - copy_seconds
+  score_seconds = best_time(lambda: score(variables, state.params, state.permutations, images),
+                            FLAGS.repeats)
+  encode_flops = flops_of(model_lib.encode, model, variables, images)
+  decoder_flops = sum(b * h * h * flow.forward_flops(c, config.condition_dim, config.coupling_blocks)
+                      for h, c in zip(model.feature_sizes(), model.channels))
+  steps_fibers = sum(train.chunks_per_batch(b * h * h, config) * min(config.fiber_batch, b * h * h)
+                     * flow.forward_flops(c, config.condition_dim, config.coupling_blocks)
+                     for h, c in zip(model.feature_sizes(), model.channels))
+  train_flops = 3 * steps_fibers  # fibers actually trained (the remainder is dropped), forward + backward
+  score_flops = encode_flops + decoder_flops
+  figures.update({
+      "fibers_per_batch": fibers, "optimizer_steps_per_batch": steps,
+      "encoder_images_per_s": b / encode_seconds,
+      "train_fibers_per_s": fibers / train_seconds,
+      "train_images_per_s": b / (train_seconds + encode_seconds),
+      "score_images_per_s": b / score_seconds,
+      "train_step_gflop_per_fiber": train_flops / fibers / 1e9,
+      "score_gflop_per_image": score_flops / b / 1e9,
+      "encoder_gflop_per_image": encode_flops / b / 1e9,
+      "train_gflops_achieved": train_flops / train_seconds / 1e9,
+      "score_gflops_achieved": score_flops / score_seconds / 1e9,
+      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+  })
+  peak = figures["matmul_bf16_gflops" if config.encoder_dtype == "bfloat16" else "matmul_f32_gflops"]
+  figures["train_fraction_of_f32_matmul"] = figures["train_gflops_achieved"] / figures["matmul_f32_gflops"]
+  figures["score_fraction_of_matmul"] = figures["score_gflops_achieved"] / peak
+  for k, v in figures.items():
+    print(f"{k:32s} {v:,.4g}" if isinstance(v, float) else f"{k:32s} {v}")
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      json.dump(figures, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
