@@ -1,0 +1,296 @@
+"""Side-by-side benchmark on Magnetic Tile: our CFLOW (experiments/train.py) against anomalib's Cflow.
+
+Both sides get the same images, the same HED VGG16 encoder, input size, fiber batch N, epochs, learning
+rate, batch size and seed, and each runs in its own subprocess pinned to the same CPUs with the same
+thread settings; rounds alternate which side runs first. The table gives each side's accuracy and speed,
+and ours/anomalib ratios of throughput and peak memory.
+
+Runs with our venv and never imports torch: the reference side runs under the torch venv
+(experiments/reference/anomalib_cflow.py), ours under this interpreter.
+
+Data: the project's split of the Magnetic Tile set (../shared/data/magnetic_tile/README.md), written as an
+MVTec-layout folder of symlinks: MT_Free stems sorted by name, position % 5 == 0 -> test/good, the rest
+-> train/good; every image of the five defect classes -> test/<class>, its mask ->
+ground_truth/<class>/<stem>_mask.png. --max_train/--max_test materialise a smaller folder holding exactly
+that subset (first N train images; N test images evenly spaced over (class, name)), so both sides see the
+same images whatever their own subset flags do; the flags are forwarded as well.
+
+Quick check (a few minutes on 2 cores):
+  /work/venv/bin/python experiments/compare_anomalib.py --max_train=16 --max_test=16 --image_size=64
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile"
+REFERENCE_SCRIPT = REPO / "experiments" / "reference" / "anomalib_cflow.py"
+CATEGORY = "magnetic_tile"
+DEFECT_CLASSES = ("MT_Blowhole", "MT_Break", "MT_Crack", "MT_Fray", "MT_Uneven")
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+ACCURACY = ("image_auroc", "pixel_auroc", "image_f1")
+SPEED = ("train_seconds", "train_fibers_per_s", "train_images_per_s", "score_images_per_s")
+MEMORY = ("peak_rss_mb", "child_peak_rss_mb")
+RATIOS = ("train_fibers_per_s", "train_images_per_s", "score_images_per_s", "peak_rss_mb", "child_peak_rss_mb")
+
+
+def _reference_module():
+  """The reference script's image selection (torch-free part), so that the subset rule lives in one place."""
+  spec = importlib.util.spec_from_file_location("anomalib_cflow_reference", REFERENCE_SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _fresh_dir(path: Path) -> Path:
+  if path.exists():
+    shutil.rmtree(path)
+  path.mkdir(parents=True)
+  return path
+
+
+def sync_links(root: Path, links: dict[str, Path]) -> dict[str, int]:
+  """Make `root` hold exactly these symlinks (relative path -> target); returns images per train/test folder.
+
+  An identical folder is left untouched: our folder dataset fingerprints its files, and fresh links would
+  make it prepare the same images again."""
+  links = {rel: target.resolve() for rel, target in links.items()}
+  existing = None
+  if root.exists():
+    existing = {str(p.relative_to(root)): Path(os.readlink(p)) for p in root.rglob("*") if p.is_symlink()}
+  if existing != links:
+    _fresh_dir(root)
+    for rel, target in links.items():
+      (root / rel).parent.mkdir(parents=True, exist_ok=True)
+      (root / rel).symlink_to(target)
+  counts: dict[str, int] = {}
+  for rel in sorted(links):
+    if not rel.startswith("ground_truth/"):
+      folder = str(Path(rel).parent)
+      counts[folder] = counts.get(folder, 0) + 1
+  return counts
+
+
+def split_links(source: Path) -> dict[str, Path]:
+  """The project's Magnetic Tile split in MVTec layout, as relative path -> file in `source`."""
+  links = {}
+  free = sorted(p.stem for p in (source / "MT_Free" / "Imgs").glob("*.jpg"))
+  if not free:
+    raise FileNotFoundError(f"no MT_Free/Imgs/*.jpg under {source}")
+  for position, stem in enumerate(free):
+    subset = "test" if position % 5 == 0 else "train"
+    links[f"{subset}/good/{stem}.jpg"] = source / "MT_Free" / "Imgs" / f"{stem}.jpg"
+  for cls in DEFECT_CLASSES:
+    name = cls.removeprefix("MT_").lower()
+    for image in sorted((source / cls / "Imgs").glob("*.jpg")):
+      mask = image.with_suffix(".png")
+      if not mask.exists():
+        raise FileNotFoundError(f"no mask for {image}")
+      links[f"test/{name}/{image.name}"] = image
+      links[f"ground_truth/{name}/{image.stem}_mask.png"] = mask
+  return links
+
+
+def subset_links(full_dir: Path, max_train: int | None, max_test: int | None) -> dict[str, Path]:
+  """The images that the reference script's --max_train/--max_test select from `full_dir`, same layout."""
+  reference = _reference_module()
+  links = {f"train/good/{image.name}": image for image in reference.select_train(full_dir, max_train)}
+  for image, kind in reference.select_test(full_dir, max_test):
+    links[f"test/{kind}/{image.name}"] = image
+    mask = reference.mask_path(full_dir, image, kind)
+    if mask is not None:
+      links[f"ground_truth/{kind}/{mask.name}"] = mask
+  return links
+
+
+def run_child(cmd: list[str], log_path: Path, threads: int) -> dict:
+  """Run one side in its own process on the first `threads` CPUs; wall time and the child's own peak RSS."""
+  cpus = sorted(os.sched_getaffinity(0))[:threads]
+  env = dict(os.environ, **{var: str(threads) for var in THREAD_VARS})
+  if threads == 1:
+    single = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {single}".strip()
+  print("$", shlex.join(cmd), flush=True)
+  start = time.perf_counter()
+  with open(log_path, "w") as log:
+    process = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+    )
+    # wait4 gives this child's own rusage; RUSAGE_CHILDREN would be the maximum over every child so far.
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+  wall = time.perf_counter() - start
+  return {
+      "returncode": process.returncode,
+      "wall_seconds": wall,
+      "child_peak_rss_mb": usage.ru_maxrss / 1024.0,  # Linux reports KiB
+      "child_cpu_seconds": usage.ru_utime + usage.ru_stime,
+      "load_average_after": list(os.getloadavg()),
+      "log": str(log_path),
+      "command": shlex.join(cmd),
+  }
+
+
+def _tail(path: str, lines: int = 30) -> str:
+  return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+
+
+def run_ours(args, data_dir: Path, run_dir: Path) -> dict:
+  _fresh_dir(run_dir)
+  cmd = [
+      sys.executable, "experiments/train.py", "--dataset=folder", f"--data_dir={data_dir}", f"--category={CATEGORY}",
+      f"--backbone={args.backbone}", f"--image_size={args.image_size}", f"--fiber_batch={args.fiber_batch}",
+      f"--epochs={args.epochs}", f"--lr={args.lr:g}", f"--batch_size={args.batch_size}", "--schedule=constant",
+      "--rotation=0", f"--seed={args.seed}", f"--workdir={run_dir}", *_subset_flags(args),
+      *shlex.split(args.ours_extra),
+  ]
+  child = run_child(cmd, run_dir / "log.txt", args.threads)
+  metrics_file = run_dir / "metrics.json"
+  if child["returncode"] != 0 or not metrics_file.exists():
+    return {**child, "error": _tail(child["log"])}
+  metrics = json.loads(metrics_file.read_text())
+  flat = {k: metrics.get(k) for k in ACCURACY}
+  flat.update(metrics.get("timing", {}))
+  return {**flat, **child}
+
+
+def run_reference(args, category_dir: Path, run_dir: Path) -> dict:
+  _fresh_dir(run_dir)
+  out = run_dir / "result.json"
+  cmd = [
+      args.torch_python, str(REFERENCE_SCRIPT.relative_to(REPO)), f"--data_root={category_dir}",
+      f"--backbone={args.backbone}", f"--image_size={args.image_size}", f"--fiber_batch={args.fiber_batch}",
+      f"--epochs={args.epochs}", f"--lr={args.lr:g}", f"--batch_size={args.batch_size}", f"--seed={args.seed}",
+      f"--threads={args.threads}", f"--out={out}", *_subset_flags(args),
+  ]
+  if args.hed_weights:
+    cmd.append(f"--hed_weights={args.hed_weights}")
+  child = run_child(cmd, run_dir / "log.txt", args.threads)
+  if child["returncode"] != 0 or not out.exists():
+    return {**child, "error": _tail(child["log"])}
+  return {**json.loads(out.read_text()), **child}
+
+
+def _subset_flags(args) -> list[str]:
+  flags = []
+  if args.max_train is not None:
+    flags.append(f"--max_train={args.max_train}")
+  if args.max_test is not None:
+    flags.append(f"--max_test={args.max_test}")
+  return flags
+
+
+def summarise(rounds: list[dict]) -> dict:
+  """Median over rounds of every number each side reported, and ours/anomalib ratios of the medians."""
+  summary: dict[str, dict] = {}
+  for side in ("ours", "anomalib"):
+    runs = [r[side] for r in rounds if side in r and "error" not in r[side]]
+    keys = {k for run in runs for k, v in run.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    summary[side] = {k: statistics.median(run[k] for run in runs if run.get(k) is not None) for k in sorted(keys)}
+  ours, ref = summary["ours"], summary["anomalib"]
+  summary["ratio_ours_over_anomalib"] = {
+      k: ours[k] / ref[k] for k in RATIOS if ours.get(k) is not None and ref.get(k)
+  }
+  return summary
+
+
+def format_table(summary: dict) -> str:
+  ours, ref, ratio = summary["ours"], summary["anomalib"], summary["ratio_ours_over_anomalib"]
+  rows = [("metric", "ours", "anomalib", "ours/anomalib")]
+  for key in (*ACCURACY, *SPEED, *MEMORY, "wall_seconds", "child_cpu_seconds"):
+    a, b = ours.get(key), ref.get(key)
+    if a is None and b is None:
+      continue
+    fmt = "{:.4f}" if key in ACCURACY else "{:.4g}"
+    cell = lambda v: "-" if v is None else fmt.format(v)  # noqa: E731
+    r = ratio.get(key)
+    rows.append((key, cell(a), cell(b), "-" if r is None else f"{r:.2f}x"))
+  widths = [max(len(row[i]) for row in rows) for i in range(4)]
+  lines = ["  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:]))]) for row in rows]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  workdir = Path(args.workdir).resolve()
+  full_dir = workdir / "data" / "full" / CATEGORY
+  split_counts = sync_links(full_dir, split_links(Path(args.source)))
+  if args.max_train is None and args.max_test is None:
+    data_dir, counts = full_dir.parent, split_counts
+  else:
+    subset_dir = workdir / "data" / f"train{args.max_train or 'all'}_test{args.max_test or 'all'}" / CATEGORY
+    counts = sync_links(subset_dir, subset_links(full_dir, args.max_train, args.max_test))
+    data_dir = subset_dir.parent
+  print(f"data: {data_dir / CATEGORY} {counts}", flush=True)
+
+  sides = [] if args.skip_ours else ["ours"]
+  sides += [] if args.skip_reference else ["anomalib"]
+  rounds = []
+  for r in range(args.rounds):
+    results = {}
+    for side in sides if r % 2 == 0 else sides[::-1]:
+      run_dir = workdir / "runs" / f"{side}_round{r}"
+      if side == "ours":
+        results[side] = run_ours(args, data_dir, run_dir)
+      else:
+        results[side] = run_reference(args, data_dir / CATEGORY, run_dir)
+      failure = results[side]
+      if "error" in failure:
+        print(f"{side} round {r} FAILED (rc={failure['returncode']}):\n{failure['error']}", file=sys.stderr, flush=True)
+    rounds.append(results)
+
+  summary = summarise(rounds)
+  report = {
+      "config": {k: v for k, v in vars(args).items()},
+      "data": {"dir": str(data_dir / CATEGORY), "counts": counts, "full_split": split_counts},
+      "rounds": rounds,
+      "summary": summary,
+  }
+  out = Path(args.out) if args.out else workdir / "compare_anomalib.json"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(report, indent=2) + "\n")
+  print(format_table(summary))
+  print(f"written: {out}")
+  return int(any("error" in side for r in rounds for side in r.values()))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--source", default=str(DEFAULT_SOURCE), help="Magnetic Tile as published (MT_<class>/Imgs)")
+  parser.add_argument("--workdir", default="/tmp/cflow_jax_compare", help="data symlinks, run folders, logs")
+  parser.add_argument("--out", default=None, help="JSON report (default: <workdir>/compare_anomalib.json)")
+  parser.add_argument("--rounds", type=int, default=1)
+  parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPUs per run (all)")
+  parser.add_argument("--backbone", default="vgg16_hed")
+  parser.add_argument("--image_size", type=int, default=256)
+  parser.add_argument("--fiber_batch", type=int, default=64)
+  parser.add_argument("--epochs", type=int, default=1)
+  parser.add_argument("--lr", type=float, default=1e-4)
+  parser.add_argument("--batch_size", type=int, default=32, help="images per batch, both sides")
+  parser.add_argument("--seed", type=int, default=42)
+  parser.add_argument("--max_train", type=int, default=None)
+  parser.add_argument("--max_test", type=int, default=None)
+  parser.add_argument("--torch_python", default="/work/torchenv/bin/python")
+  parser.add_argument("--hed_weights", default=None, help="HED .h5 for the reference (default: its own cache)")
+  parser.add_argument("--ours_extra", default="", help="extra flags for experiments/train.py, one string")
+  parser.add_argument("--skip_ours", action="store_true", help="run the reference side only")
+  parser.add_argument("--skip_reference", action="store_true", help="run our side only")
+  return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
