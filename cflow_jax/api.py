@@ -87,6 +87,9 @@ def fit(config: Config, train_set, *, encoder_variables=None, workdir=None, prog
                               rotation=config.rotation, drop_remainder=True):
       yield batch["image"]
 
+  if config.cache_features:
+    train_batches = _cached_feature_batches(model, encoder_variables, train_set, batch_size)
+
   identity = _identity(config, encoder_variables, train_set)
   state, history = train.fit(model, encoder_variables, train_batches, batches_per_epoch, batch_size,
                              workdir=workdir, meta=identity, progress=progress, log=log)
@@ -99,6 +102,23 @@ def fit(config: Config, train_set, *, encoder_variables=None, workdir=None, prog
   if workdir is not None:
     train.save_final(workdir, state, config, identity, history)
   return Detector(model, encoder_variables, state.params, state.permutations, normalization, history)
+
+
+def _cached_feature_batches(model, encoder_variables, train_set, batch_size):
+  """Encodes every training image once; each epoch then batches the stored features in the order the
+  input pipeline would have used for that epoch."""
+  config = model.config
+  parts = [jax.device_get(model_lib.encode(model, encoder_variables, b["image"]))
+           for b in data.batches(train_set, batch_size, config.image_size)]
+  features = tuple(np.concatenate(layer) for layer in zip(*parts))  # per layer (N, h, w, C), file order
+
+  def batches(epoch):
+    order, _ = data.input_pipeline.epoch_plan(len(train_set), config.seed, epoch, 0.0)
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+      idx = order[start:start + batch_size]
+      yield tuple(f[idx] for f in features)
+
+  return batches
 
 
 def load(workdir, encoder_variables=None) -> Detector:

@@ -155,8 +155,9 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
   """Trains the decoders; returns (state, history).
 
   Args:
-    train_batches: epoch -> iterable of uint8 image batches (B, S, S, 3); a pure function of the epoch
-      (same order and augmentation each time it is asked), which is what makes resuming exact.
+    train_batches: epoch -> iterable of uint8 image batches (B, S, S, 3), or of already encoded feature
+      tuples (cached features); a pure function of the epoch (same order and augmentation each time it
+      is asked), which is what makes resuming exact.
     batches_per_epoch, batch_size: what `train_batches` yields (every batch full).
     workdir: if given, a checkpoint is written after every epoch and an existing one is resumed.
     meta: JSON-able identity saved with each checkpoint (encoder weights, dataset).
@@ -187,7 +188,10 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
   for epoch in range(start, config.epochs):
     began, losses = time.perf_counter(), []
     for b, images in enumerate(train_batches(epoch)):
-      features = model_lib.encode(model, encoder_variables, sharding.shard_batch(images, mesh))
+      if isinstance(images, tuple):  # cached features
+        features = tuple(sharding.shard_batch(f, mesh) for f in images)
+      else:
+        features = model_lib.encode(model, encoder_variables, sharding.shard_batch(images, mesh))
       params, opt_states, layer_losses = train_batch(state.params, state.opt_states, state.permutations,
                                                       features, batch_key(config.seed, epoch, b))
       state = state._replace(params=params, opt_states=opt_states)

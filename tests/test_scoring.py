@@ -105,3 +105,16 @@ def test_load_refuses_other_encoder_weights(trained):
   other = jax.tree.map(lambda a: a + 1.0, variables)
   with pytest.raises(cf.UserError, match="encoder weights differ"):
     cf.load(workdir, encoder_variables=other)
+
+
+def test_cached_features_train_like_encoding_every_epoch(trained):
+  _, variables, _ = trained
+  config = dataclasses.replace(CONFIG, sub_epochs=2)
+  train_set = cf.data.load("demo", "train", "brick")
+  encoded = cf.fit(config, train_set, encoder_variables=variables, progress=False)
+  cached = cf.fit(dataclasses.replace(config, cache_features=True), train_set, encoder_variables=variables,
+                  progress=False)
+  for a, b in zip(jax.tree.leaves(encoded.params), jax.tree.leaves(cached.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match="cache_features needs rotation=0"):
+    dataclasses.replace(config, cache_features=True, rotation=5.0)
