@@ -82,13 +82,13 @@ def fit(config: Config, train_set, *, encoder_variables=None, workdir=None, prog
   batch_size = min(config.batch_size, len(train_set))
   batches_per_epoch = len(train_set) // batch_size  # the last partial batch is dropped, as the original
 
-  def train_batches(epoch):
-    for batch in data.batches(train_set, batch_size, config.image_size, seed=config.seed, epoch=epoch,
-                              rotation=config.rotation, drop_remainder=True):
-      yield batch["image"]
-
   if config.cache_features:
     train_batches = _cached_feature_batches(model, encoder_variables, train_set, batch_size)
+  else:
+    def train_batches(epoch):
+      for batch in data.batches(train_set, batch_size, config.image_size, seed=config.seed, epoch=epoch,
+                                rotation=config.rotation, drop_remainder=True):
+        yield batch["image"]
 
   identity = _identity(config, encoder_variables, train_set)
   state, history = train.fit(model, encoder_variables, train_batches, batches_per_epoch, batch_size,
