@@ -53,8 +53,9 @@ def _to_json(value):
 
 
 def write_metrics(path, metrics: dict, **extra) -> None:
-  """Writes {"metrics": metrics, **extra} as indented JSON (numpy values, paths and dataclasses allowed)."""
-  document = {"metrics": metrics, **extra}
+  """Writes {**metrics, **extra} as indented JSON (numpy values, paths and dataclasses allowed): the metric
+  keys at the top level, where scripts and benchmarks read them."""
+  document = {**metrics, **extra}
   text = json.dumps(document, indent=2, default=_to_json) + "\n"
   _write_atomically(path, lambda f: f.write(text))
 

@@ -8,8 +8,6 @@ flags a user gave (`dataclasses.replace(Config(), **given)`), so no default valu
 import collections.abc
 import dataclasses
 import functools
-import json
-import os
 import pathlib
 import resource
 import sys
@@ -195,19 +193,12 @@ def train_and_evaluate(config: Config, train_set, test_set, workdir, num_picture
   document = {**metrics, "timing": timing, "dataset": train_set.name, "category": train_set.category,
               "train_images": len(train_set), "test_images": len(test_set),
               "epoch_loss": history["epoch_loss"], "config": dataclasses.asdict(config)}
-  _write_json(workdir / "metrics.json", document)
+  report.write_metrics(workdir / "metrics.json", document)
   (workdir / "results.md").write_text(report.results_tables({train_set.category: metrics}))
   _draw(workdir, evaluation, test_set, config.image_size, num_pictures)
   print(summary(train_set.category, document))
   print(f"written to {workdir}: metrics.json, results.md, roc.png, pro.png, pictures/")
   return document
-
-
-def _write_json(path: pathlib.Path, document: dict):
-  """Flat JSON (metric keys at the top, as the benchmarks read them), replaced in one step."""
-  partial = path.with_name(f".{path.name}.partial")
-  partial.write_text(json.dumps(document, indent=2) + "\n")
-  os.replace(partial, path)
 
 
 def summary(category: str, document: dict) -> str:

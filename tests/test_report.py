@@ -29,7 +29,7 @@ def test_metrics_json_round_trips_numpy_values_and_extras(tmp_path):
   report.write_metrics(path, values, category="bottle", config=_Config(), epochs=np.int64(3))  # overwrite
   document = report.read_metrics(path)
   assert document == {
-      "metrics": {"image_auroc": 0.98, "pixel_threshold": 0.5, "aupro": 0.9},
+      "image_auroc": 0.98, "pixel_threshold": 0.5, "aupro": 0.9,
       "category": "bottle", "config": {"backbone": "resnet18", "image_size": 256}, "epochs": 3,
   }
   assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]  # no temporary file left behind
@@ -40,7 +40,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
   report.write_metrics(path, {"image_auroc": 0.5})
   with pytest.raises(TypeError, match="cannot write object"):
     report.write_metrics(path, {"image_auroc": object()})
-  assert report.read_metrics(path) == {"metrics": {"image_auroc": 0.5}}
+  assert report.read_metrics(path) == {"image_auroc": 0.5}
   assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
