@@ -10,6 +10,10 @@ import pytest
 from cflow_jax import flow, positional
 
 FIXTURE = np.load(pathlib.Path(__file__).parent / "fixtures" / "flow_reference.npz")
+# Compiled once per shape: op-by-op dispatch of the distrax blocks is what made these tests slow.
+forward = jax.jit(flow.forward, static_argnames="clamp")
+inverse = jax.jit(flow.inverse, static_argnames="clamp")
+log_prob = jax.jit(flow.log_prob, static_argnames="clamp")
 
 
 def _reference_decoder(prefix):
@@ -30,10 +34,10 @@ def _rel_err(a, b):
 @pytest.mark.parametrize("prefix", ["hard", "soft"])
 def test_matches_anomalib_allinoneblock(prefix):
   params, permutations, x, c = _reference_decoder(prefix)
-  z, log_det = flow.forward(params, permutations, x, c, clamp=1.9)
+  z, log_det = forward(params, permutations, x, c, clamp=1.9)
   assert _rel_err(z, FIXTURE[f"{prefix}/z"]) < 1e-5
   assert _rel_err(log_det, FIXTURE[f"{prefix}/log_det"]) < 1e-5
-  log_p = flow.log_prob(params, permutations, x, c, clamp=1.9)
+  log_p = log_prob(params, permutations, x, c, clamp=1.9)
   assert _rel_err(log_p, FIXTURE[f"{prefix}/log_prob"]) < 1e-5
 
 
@@ -60,8 +64,8 @@ def test_inverse_recovers_input(permutation, channels):
   params, permutations = _perturbed_decoder(channels, 8, permutation)
   x = jax.random.normal(jax.random.key(2), (64, channels))
   c = jax.random.normal(jax.random.key(3), (64, 8))
-  z, log_det = flow.forward(params, permutations, x, c)
-  x_back, inverse_log_det = flow.inverse(params, permutations, z, c)
+  z, log_det = forward(params, permutations, x, c)
+  x_back, inverse_log_det = inverse(params, permutations, z, c)
   np.testing.assert_allclose(x_back, x, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(inverse_log_det, -log_det, atol=1e-5, rtol=1e-5)
   assert float(jnp.max(jnp.abs(z - x))) > 0.1  # the flow is not the identity
@@ -73,12 +77,12 @@ def test_log_det_equals_autodiff_jacobian(permutation):
   params, permutations = _perturbed_decoder(channels, 8, permutation, seed=4)
   x = jax.random.normal(jax.random.key(5), (6, channels))
   c = jax.random.normal(jax.random.key(6), (6, 8))
-  _, log_det = flow.forward(params, permutations, x, c)
+  _, log_det = forward(params, permutations, x, c)
 
   def one_fiber(xi, ci):
     return flow.forward(params, permutations, xi[None], ci[None])[0][0]
 
-  jacobians = jax.vmap(jax.jacfwd(one_fiber))(x, c)  # (N, C, C)
+  jacobians = jax.jit(jax.vmap(jax.jacfwd(one_fiber)))(x, c)  # (N, C, C)
   _, log_abs_det = jnp.linalg.slogdet(jacobians)
   np.testing.assert_allclose(log_det, log_abs_det, atol=1e-4, rtol=1e-5)
 
