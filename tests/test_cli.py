@@ -7,12 +7,17 @@ One tiny demo run (64 px, 8 + 8 images, one epoch, HED's VGG16 from the installe
 import csv
 import json
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
+
+import cflow_jax as cf
 
 REPO = pathlib.Path(__file__).parents[1]
 TINY = ("--dataset=demo", "--category=brick", "--image_size=64", "--epochs=1", "--max_train=8",
@@ -159,3 +164,25 @@ def test_help_documents_every_training_flag(script):
                "padding", "encoder_dtype", "batch_size", "drop_remainder", "max_train", "max_test",
                "num_pictures"):
     assert f"--{flag}" in result.stdout or f"--[no]{flag}" in result.stdout, flag
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+  args = (*TINY, "--epochs=6")
+  whole, killed = tmp_path / "whole", tmp_path / "killed"
+  assert run("train.py", *args, f"--workdir={whole}").returncode == 0
+  process = subprocess.Popen([sys.executable, str(REPO / "experiments" / "train.py"), *args,
+                              f"--workdir={killed}"], cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  deadline = time.time() + 600
+  while not (killed / "checkpoints" / "1").exists() and process.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)  # mid-run, perhaps mid-save: no chance to clean up
+  assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+  resumed = run("train.py", *args, f"--workdir={killed}")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  a, b = cf.load(whole), cf.load(killed)
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bitwise on the CPU
+  assert json.loads((whole / "metrics.json").read_text())["image_auroc"] == \
+      json.loads((killed / "metrics.json").read_text())["image_auroc"]
+
