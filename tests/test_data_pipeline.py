@@ -91,6 +91,8 @@ def test_resized_once_gives_the_same_batches():
   images = data.ImageSet(_examples(7), name="test", category="squares", split="train", has_masks=True)
   resized = images.resized(32)
   assert (resized[0]["image"].shape, resized.category, resized.has_masks) == ((32, 32, 3), "squares", True)
+  assert resized.resized(32) is resized  # a set already held at that size is not processed again
+  assert resized.resized(16)[0]["image"].shape == (16, 16, 3)
   for a, b in zip(data.batches(images, 3, 32, seed=5, rotation=8.0),
                   data.batches(resized, 3, 32, seed=5, rotation=8.0)):
     assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["mask"], b["mask"])

@@ -44,9 +44,10 @@ class ImageSet(collections.abc.Sequence):
   """
 
   def __init__(self, examples: collections.abc.Sequence, *, name: str, category: str, split: str,
-               has_masks: bool):
+               has_masks: bool, image_size: int | None = None):
     self._examples = examples
     self.name, self.category, self.split, self.has_masks = name, category, split, has_masks
+    self.image_size = image_size  # set when every example is already held resized to this size
 
   def __len__(self) -> int:
     return len(self._examples)
@@ -62,10 +63,12 @@ class ImageSet(collections.abc.Sequence):
     Costs len * image_size^2 * 4 bytes (a 256 px MVTec class: under 100 MB); then `batches` only shuffles,
     rotates and stacks, which pays off from the second epoch on.
     """
+    if self.image_size == image_size:
+      return self
     with concurrent.futures.ThreadPoolExecutor(workers or input_pipeline.DEFAULT_WORKERS) as pool:
       examples = list(pool.map(lambda i: input_pipeline.preprocess(self[i], image_size), range(len(self))))
     return ImageSet(examples, name=self.name, category=self.category, split=self.split,
-                    has_masks=self.has_masks)
+                    has_masks=self.has_masks, image_size=image_size)
 
   def __repr__(self) -> str:
     return (f"ImageSet({self.name}/{self.category}, {self.split}, {len(self)} images, "
