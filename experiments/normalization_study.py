@@ -1,0 +1,150 @@
+"""How the anomaly map's normalisation constants change the scores of one trained model.
+
+SPEC section 5 turns per-layer log-likelihoods into a map with exp(log p - c_l) per layer; the constants c_l
+set how much each layer weighs in the sum. The references take c_l from the images scored together (the
+whole test set, or each batch); our default fixes them from the training images. This script scores the
+test set once, keeps every layer's log p / C, and recomputes the maps under each rule, so that the rules are
+compared on exactly the same likelihoods:
+
+  train           the run's own constants: max over the training fibers (fixed; our default)
+  train_q<q>      the q-quantile of the training fibers' log p (fixed; with --quantiles, which needs
+                  a pass over the training images)
+  test_set        max over the whole test set (the original code)
+  batch           max over each batch of --batch_size test images in file order (anomalib)
+  batch_shuffled  the same over batches of the test images in a random order: a score that moves
+                  between `batch` and this depends on which images share its batch
+
+  /work/venv/bin/python experiments/normalization_study.py --workdir=RUN --dataset=folder \
+      --data_dir=DATA --category=magnetic_tile [--quantiles 0.99 0.999]
+
+The per-layer log-likelihoods are cached in <workdir>/normalization_study.npz, the figures written to
+<workdir>/normalization_study.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+import cflow_jax as cf
+from cflow_jax import metrics, model as model_lib
+from cflow_jax.anomaly_map import Normalization, anomaly_maps
+
+
+
+def layer_log_probs(detector, images, batch_size, desc):
+  """Every layer's log p / C for a set of images, as numpy (N, h, w) per layer."""
+  parts = []
+  for batch in tqdm(cf.data.batches(images, batch_size, detector.config.image_size), desc=desc,
+                    total=-(-len(images) // batch_size)):
+    x, n = batch["image"], len(batch["image"])
+    if n < batch_size:
+      x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
+    log_probs = model_lib.image_log_probs(detector.model, detector.encoder_variables, detector.params,
+                                          detector.permutations, x)
+    parts.append([np.asarray(layer)[:n] for layer in log_probs])
+  return [np.concatenate(layer) for layer in zip(*parts)]
+
+
+def labels_and_masks(test_set, batch_size, image_size):
+  labels, masks = [], []
+  for batch in cf.data.batches(test_set, batch_size, image_size):
+    labels.append(batch["label"]), masks.append(batch["mask"])
+  return np.concatenate(labels), np.concatenate(masks)
+
+
+def fixed(layer_max):
+  """Normalization with these per-layer constants; map_max is 0 (it only shifts every score alike)."""
+  return Normalization(jnp.asarray(layer_max, jnp.float32), jnp.asarray(0.0, jnp.float32))
+
+
+def score_rule(rule, detector, train, test, image_size, batch_size, seed=0):
+  """(scores, maps) of the test set under one rule."""
+  if rule == "test_set":
+    return _maps(test, image_size, None)
+  if rule in ("batch", "batch_shuffled"):
+    order = np.arange(len(test[0]))
+    if rule == "batch_shuffled":
+      order = np.random.default_rng(seed).permutation(order)
+    parts = [_maps([layer[order[i:i + batch_size]] for layer in test], image_size, None)
+             for i in range(0, len(order), batch_size)]
+    scores, maps = np.empty(len(order)), np.empty((len(order), image_size, image_size), np.float32)
+    scores[order], maps[order] = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return scores, maps
+  if rule == "train":
+    return _maps(test, image_size, detector.normalization)
+  q = float(rule.removeprefix("train_q"))
+  return _maps(test, image_size, fixed([np.quantile(layer, q) for layer in train]))
+
+
+def _maps(layers, image_size, normalization, chunk=64):
+  if normalization is None:
+    # One set of maxima over everything given, then maps chunk by chunk.
+    top = jnp.asarray([layer.max() for layer in layers], jnp.float32)
+    likelihood = [np.asarray(anomaly_maps([jnp.asarray(l[i:i + chunk]) for l in layers], image_size,
+                                          Normalization(top, jnp.asarray(0.0)))[0])
+                  for i in range(0, len(layers[0]), chunk)]
+    maps = np.concatenate(likelihood)   # = 0 - sum; shift by the max of the summed likelihood
+    maps = maps - maps.min()
+  else:
+    maps = np.concatenate([np.asarray(anomaly_maps([jnp.asarray(l[i:i + chunk]) for l in layers],
+                                                   image_size, normalization)[0])
+                           for i in range(0, len(layers[0]), chunk)])
+  return maps.max(axis=(1, 2)), maps
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  cache = Path(args.workdir) / "normalization_study.npz"
+  detector = cf.load(args.workdir)
+  size = detector.config.image_size
+  test_set = cf.data.load(args.dataset, "test", args.category, args.data_dir).resized(size)
+  layers = range(len(detector.params))
+  stored = dict(np.load(cache)) if cache.exists() else {}
+  if "test0" not in stored:
+    stored.update({f"test{i}": l for i, l in enumerate(
+        layer_log_probs(detector, test_set, args.batch_size, "test log p"))})
+  if args.quantiles and "train0" not in stored:
+    train_set = cf.data.load(args.dataset, "train", args.category, args.data_dir).resized(size)
+    stored.update({f"train{i}": l for i, l in enumerate(
+        layer_log_probs(detector, train_set, args.batch_size, "train log p"))})
+  np.savez(cache, **stored)
+  test = [stored[f"test{i}"] for i in layers]
+  train = [stored[f"train{i}"] for i in layers] if args.quantiles else None
+  labels, masks = labels_and_masks(test_set, args.batch_size, size)
+
+  print("per-layer constants (log p / C):")
+  for i in layers:
+    qs = " ".join(f"q{q}={np.quantile(train[i], q):.3f}" for q in args.quantiles) if train else ""
+    print(f"  layer {i} {test[i].shape[1:]}: train max {float(detector.normalization.layer_max[i]):.3f} "
+          f"{qs} | test max {test[i].max():.3f}")
+  rules = ["train", *(f"train_q{q}" for q in args.quantiles), "test_set", "batch", "batch_shuffled"]
+  results = {}
+  for rule in rules:
+    scores, maps = score_rule(rule, detector, train, test, size, args.batch_size)
+    results[rule] = {"image_auroc": metrics.auroc(scores, labels),
+                     "pixel_auroc": metrics.auroc(maps, masks)}
+    print(f"{rule:>14}: image AUROC {results[rule]['image_auroc']:.4f}  "
+          f"pixel AUROC {results[rule]['pixel_auroc']:.4f}")
+  (Path(args.workdir) / "normalization_study.json").write_text(json.dumps(results, indent=1))
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--dataset", default="folder")
+  parser.add_argument("--data_dir", default=None)
+  parser.add_argument("--category", default=None)
+  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--quantiles", type=float, nargs="*", default=[],
+                      help="also fixed constants at these quantiles of the training log p, e.g. 0.99 0.999")
+  return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+  main()
