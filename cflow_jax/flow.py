@@ -6,8 +6,7 @@ One decoder per tapped encoder layer. A decoder is `coupling_blocks` identical b
     block = Permutation o GlobalAffine o ConditionalAffineCoupling
 
 written as distrax bijectors on a single fiber (an event of C channels) and vmapped over fibers. Block
-parameters are stacked along a leading axis and the blocks are applied with `jax.lax.scan`, so a decoder
-compiles to one loop body whatever its depth.
+parameters are stacked along a leading axis and the blocks are applied with an unrolled `jax.lax.scan`.
 
 Parameters are split in two pytrees: `params` (trained) and `permutations` (fixed at construction, never
 trained), both with a leading block axis.
@@ -102,7 +101,9 @@ def _flow_one_fiber(params, permutations, x, condition, clamp, inverse):
   blocks = (params, permutations)
   if inverse:
     blocks = jax.tree.map(lambda a: a[::-1], blocks)
-  (out, log_det), _ = jax.lax.scan(step, (x, jnp.zeros((), x.dtype)), blocks)
+  # Unrolled: the blocks then compile as one straight-line program that XLA fuses across block borders;
+  # training at small N is overhead-bound and runs ~1.2x faster this way on the CPU (bench_speed.py).
+  (out, log_det), _ = jax.lax.scan(step, (x, jnp.zeros((), x.dtype)), blocks, unroll=True)
   return out, log_det
 
 

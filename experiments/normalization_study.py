@@ -132,6 +132,7 @@ def main(argv=None):
     print(f"{rule:>14}: image AUROC {results[rule]['image_auroc']:.4f}  "
           f"pixel AUROC {results[rule]['pixel_auroc']:.4f}")
   (Path(args.workdir) / "normalization_study.json").write_text(json.dumps(results, indent=1))
+  return results
 
 
 def parse_args(argv=None):

@@ -5,8 +5,10 @@ One tiny demo run (64 px, 8 + 8 images, one epoch, HED's VGG16 from the installe
 """
 
 import csv
+import importlib.util
 import json
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,6 +94,24 @@ def test_rerun_of_a_finished_run_reevaluates_without_training(runs):
   after = json.loads((workdir / "metrics.json").read_text())
   assert after["timing"]["train_seconds"] == before["timing"]["train_seconds"]
   assert [after[k] for k in METRICS] == [before[k] for k in METRICS]
+
+
+def test_normalization_study_rescores_as_the_pipeline_scores(runs, tmp_path):
+  """experiments/normalization_study.py recomputes maps from stored log-likelihoods: each rule must give
+  the metrics that scoring the images under that normalisation gives."""
+  workdir = tmp_path / "run"
+  shutil.copytree(runs / "brick" / "vgg16_hed", workdir)
+  spec = importlib.util.spec_from_file_location("study", REPO / "experiments" / "normalization_study.py")
+  study = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(study)
+  results = study.main([f"--workdir={workdir}", "--dataset=demo", "--category=brick", "--batch_size=8"])
+  detector = cf.load(workdir)
+  test_set = cf.data.load("demo", "test", "brick").resized(64)
+  for rule in ("train", "test_set", "batch"):
+    expected = cf.evaluate(detector, test_set, batch_size=8, normalization=rule).metrics
+    for key in ("image_auroc", "pixel_auroc"):
+      assert results[rule][key] == pytest.approx(expected[key], abs=1e-4), (rule, key)
+  assert set(results) == {"train", "test_set", "batch", "batch_shuffled"}
 
 
 def test_rerun_with_other_settings_is_refused(runs):
