@@ -43,8 +43,8 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 ACCURACY = ("image_auroc", "pixel_auroc", "image_f1")
 # The same trained models with the maxima of SPEC section 5 taken over the whole test set (the original
 # code's rule), over each batch (anomalib's) and over batches of a shuffled test order: the first makes
-# the two sides' numbers comparable without either depending on batch composition. Ours from experiments/normalization_study.py, anomalib's from the
-# log-likelihoods its map generator saw.
+# the two sides' numbers comparable without either depending on batch composition. Ours from
+# experiments/normalization_study.py, anomalib's from the log-likelihoods its map generator saw.
 RULES = ("test_set", "batch", "batch_shuffled")
 RESCORED = tuple(f"{metric}_{rule}" for rule in RULES for metric in ("image_auroc", "pixel_auroc"))
 SPEED = ("train_seconds", "train_fibers_per_s", "train_images_per_s", "score_images_per_s")
@@ -175,7 +175,7 @@ def run_ours(args, data_dir: Path, run_dir: Path) -> dict:
 
 
 def rescore_ours(args, data_dir: Path, run_dir: Path) -> dict:
-  """Our trained model's accuracy under the references' two normalisations (untimed, after the run)."""
+  """Our trained model's accuracy under each rule of RULES (untimed, after the run)."""
   cmd = [sys.executable, "experiments/normalization_study.py", f"--workdir={run_dir}", "--dataset=folder",
          f"--data_dir={data_dir}", f"--category={CATEGORY}", f"--batch_size={args.batch_size}"]
   child = run_child(cmd, run_dir / "normalization_study.log", args.threads)

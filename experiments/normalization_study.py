@@ -36,7 +36,6 @@ from cflow_jax import metrics, model as model_lib
 from cflow_jax.anomaly_map import Normalization, anomaly_maps
 
 
-
 def layer_log_probs(detector, images, batch_size, desc):
   """Every layer's log p / C for a set of images, as numpy (N, h, w) per layer."""
   parts = []
@@ -83,18 +82,16 @@ def score_rule(rule, detector, train, test, image_size, batch_size, seed=0):
 
 
 def _maps(layers, image_size, normalization, chunk=64):
-  if normalization is None:
-    # One set of maxima over everything given, then maps chunk by chunk.
-    top = jnp.asarray([layer.max() for layer in layers], jnp.float32)
-    likelihood = [np.asarray(anomaly_maps([jnp.asarray(l[i:i + chunk]) for l in layers], image_size,
-                                          Normalization(top, jnp.asarray(0.0)))[0])
-                  for i in range(0, len(layers[0]), chunk)]
-    maps = np.concatenate(likelihood)   # = 0 - sum; shift by the max of the summed likelihood
-    maps = maps - maps.min()
-  else:
-    maps = np.concatenate([np.asarray(anomaly_maps([jnp.asarray(l[i:i + chunk]) for l in layers],
-                                                   image_size, normalization)[0])
-                           for i in range(0, len(layers[0]), chunk)])
+  """(scores, maps) of stored log p, a few images at a time; with `normalization=None` the maxima are
+  taken over every image given, as the references do over the images scored together."""
+  together = normalization is None
+  if together:
+    normalization = fixed([layer.max() for layer in layers])
+  maps = np.concatenate([np.asarray(anomaly_maps([jnp.asarray(l[i:i + chunk]) for l in layers], image_size,
+                                                 normalization)[0])
+                         for i in range(0, len(layers[0]), chunk)])
+  if together:
+    maps = maps - maps.min()  # map_max - likelihood, map_max the largest summed likelihood of the set
   return maps.max(axis=(1, 2)), maps
 
 

@@ -428,6 +428,7 @@ def main(argv=None) -> dict:
   scores = torch.cat([b.pred_score.reshape(-1) for b in predictions]).numpy()
   labels = np.array([int(kind != "good") for _, kind in test_pairs])
 
+  peak_rss = peak_rss_mb()  # of training and scoring, before the untimed re-scoring below
   rescored = rescored_metrics(recorded, args.image_size, labels, masks, args.batch_size, args.seed)
 
   n_train, n_test = len(train_images), len(test_pairs)
@@ -446,7 +447,7 @@ def main(argv=None) -> dict:
       "score_seconds": score_seconds,
       "score_images": n_test,
       "score_images_per_s": n_test / score_seconds,
-      "peak_rss_mb": peak_rss_mb(),
+      "peak_rss_mb": peak_rss,
       "train_cpu_seconds": train_cpu_seconds,
       "score_cpu_seconds": score_cpu_seconds,
       "load_average": list(os.getloadavg()),
