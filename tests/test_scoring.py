@@ -117,3 +117,20 @@ def test_cached_features_train_like_encoding_every_epoch(trained):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   with pytest.raises(ValueError, match="cache_features needs rotation=0"):
     dataclasses.replace(config, cache_features=True, rotation=5.0)
+
+
+def test_cache_blocked_scoring_on_one_cpu_equals_whole_batch_scoring(trained, monkeypatch):
+  """On one CPU device the encoder runs image by image and the flows in blocks of fibers; on accelerators
+  the whole batch goes at once. Both give the same log-likelihoods, remainders of blocks included."""
+  detector, variables, _ = trained
+  images = np.random.default_rng(3).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+  monkeypatch.setattr(cf.model, "_CPU_FIBER_BLOCK", 40)  # 3 * 16 * 16 fibers = 19 blocks and 8 left over
+
+  def log_probs(blocked):
+    monkeypatch.setattr(cf.model, "_cache_blocked", lambda: blocked)
+    jax.clear_caches()  # the jitted functions were traced under the other setting
+    return cf.model.image_log_probs(detector.model, variables, detector.params, detector.permutations, images)
+
+  for blocked, whole in zip(log_probs(True), log_probs(False)):
+    assert blocked.shape == whole.shape
+    np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-5)
