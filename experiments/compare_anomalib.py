@@ -17,6 +17,10 @@ same images whatever their own subset flags do; the flags are forwarded as well.
 
 Quick check (a few minutes on 2 cores):
   /work/venv/bin/python experiments/compare_anomalib.py --max_train=16 --max_test=16 --image_size=64
+Several seeds (one round each; the accuracy is then also given as mean +- standard deviation), or the
+rounds of reports made separately, one per seed, summarised together:
+  /work/venv/bin/python experiments/compare_anomalib.py --seeds=0,1,2
+  /work/venv/bin/python experiments/compare_anomalib.py --combine seed42/compare_anomalib.json seed0/compare_anomalib.json
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ RULES = ("test_set", "batch", "batch_shuffled")
 RESCORED = tuple(f"{metric}_{rule}" for rule in RULES for metric in ("image_auroc", "pixel_auroc"))
 SPEED = ("train_seconds", "train_fibers_per_s", "train_images_per_s", "score_images_per_s")
 MEMORY = ("peak_rss_mb", "child_peak_rss_mb")
+# What must agree for rounds of several reports to be summarised together.
+SETTINGS = ("backbone", "image_size", "fiber_batch", "epochs", "lr", "batch_size", "max_train", "max_test")
 RATIOS = ("train_fibers_per_s", "train_images_per_s", "score_images_per_s", "peak_rss_mb", "child_peak_rss_mb")
 
 
@@ -216,17 +222,39 @@ def _subset_flags(args) -> list[str]:
 
 
 def summarise(rounds: list[dict]) -> dict:
-  """Median over rounds of every number each side reported, and ours/anomalib ratios of the medians."""
+  """Median over rounds of every number each side reported, ours/anomalib ratios of the medians, and the
+  accuracy of every round (rounds with different seeds: the spread is the seed-to-seed noise)."""
   summary: dict[str, dict] = {}
   for side in ("ours", "anomalib"):
     runs = [r[side] for r in rounds if side in r and "error" not in r[side]]
     keys = {k for run in runs for k, v in run.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     summary[side] = {k: statistics.median(run[k] for run in runs if run.get(k) is not None) for k in sorted(keys)}
+    summary[f"{side}_per_round"] = {k: [run[k] for run in runs if run.get(k) is not None]
+                                    for k in ACCURACY + RESCORED if k in keys}
   ours, ref = summary["ours"], summary["anomalib"]
   summary["ratio_ours_over_anomalib"] = {
       k: ours[k] / ref[k] for k in RATIOS if ours.get(k) is not None and ref.get(k)
   }
   return summary
+
+
+def format_spread(summary: dict) -> str:
+  """Accuracy as mean +- sample standard deviation over rounds, each side, when there are several."""
+  rows = []
+  for key in ACCURACY + RESCORED:
+    cells = []
+    for side in ("ours", "anomalib"):
+      values = summary.get(f"{side}_per_round", {}).get(key, [])
+      spread = f" +- {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+      cells.append(f"{statistics.mean(values):.4f}{spread} (n={len(values)})" if values else "-")
+    rows.append((key, *cells))
+  if not any(" +- " in cell for row in rows for cell in row[1:]):
+    return ""
+  rows.insert(0, ("accuracy over rounds", "ours", "anomalib"))
+  widths = [max(len(row[i]) for row in rows) for i in range(3)]
+  lines = ["  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:]))]) for row in rows]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
 
 
 def format_table(summary: dict) -> str:
@@ -246,8 +274,32 @@ def format_table(summary: dict) -> str:
   return "\n".join(lines)
 
 
+def combine(paths: list[str]) -> int:
+  """Summarises the rounds of several reports together, e.g. one run per seed."""
+  rounds, settings = [], {}
+  for path in paths:
+    try:
+      report = json.loads(Path(path).read_text())
+      rounds += report["rounds"]
+      setting = ({k: report["config"].get(k) for k in SETTINGS}, report["data"]["counts"])
+    except (OSError, ValueError, KeyError) as e:
+      print(f"error: {path} is not a report of this script ({e})", file=sys.stderr)
+      return 2
+    settings.setdefault(json.dumps(setting, sort_keys=True), []).append(path)
+  if len(settings) > 1:
+    print("error: these reports were made with different settings or data, only seeds may differ:\n"
+          + "\n".join(f"  {paths}: {s}" for s, paths in settings.items()), file=sys.stderr)
+    return 2
+  summary = summarise(rounds)
+  print(format_table(summary))
+  print(format_spread(summary))
+  return 0
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.combine:
+    return combine(args.combine)
   workdir = Path(args.workdir).resolve()
   full_dir = workdir / "data" / "full" / CATEGORY
   split_counts = sync_links(full_dir, split_links(Path(args.source)))
@@ -261,15 +313,17 @@ def main(argv=None) -> int:
 
   sides = [] if args.skip_ours else ["ours"]
   sides += [] if args.skip_reference else ["anomalib"]
+  seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed] * args.rounds
   rounds = []
-  for r in range(args.rounds):
-    results = {}
+  for r, seed in enumerate(seeds):
+    results, round_args = {}, argparse.Namespace(**{**vars(args), "seed": seed})
     for side in sides if r % 2 == 0 else sides[::-1]:
       run_dir = workdir / "runs" / f"{side}_round{r}"
       if side == "ours":
-        results[side] = run_ours(args, data_dir, run_dir)
+        results[side] = run_ours(round_args, data_dir, run_dir)
       else:
-        results[side] = run_reference(args, data_dir / CATEGORY, run_dir)
+        results[side] = run_reference(round_args, data_dir / CATEGORY, run_dir)
+      results[side]["seed"] = seed
       failure = results[side]
       if "error" in failure:
         print(f"{side} round {r} FAILED (rc={failure['returncode']}):\n{failure['error']}", file=sys.stderr, flush=True)
@@ -286,6 +340,7 @@ def main(argv=None) -> int:
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(report, indent=2) + "\n")
   print(format_table(summary))
+  print(format_spread(summary))
   print(f"written: {out}")
   return int(any("error" in side for r in rounds for side in r.values()))
 
@@ -304,6 +359,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--lr", type=float, default=1e-4)
   parser.add_argument("--batch_size", type=int, default=32, help="images per batch, both sides")
   parser.add_argument("--seed", type=int, default=42)
+  parser.add_argument("--seeds", default=None, help="comma-separated seeds, one round each (overrides --rounds, --seed)")
+  parser.add_argument("--combine", nargs="+", default=None, metavar="REPORT",
+                      help="print the summary of the rounds of these reports together (runs nothing)")
   parser.add_argument("--max_train", type=int, default=None)
   parser.add_argument("--max_test", type=int, default=None)
   parser.add_argument("--torch_python", default="/work/torchenv/bin/python")

@@ -206,3 +206,29 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
   assert json.loads((whole / "metrics.json").read_text())["image_auroc"] == \
       json.loads((killed / "metrics.json").read_text())["image_auroc"]
 
+
+
+def test_side_by_side_reports_of_several_seeds_combine_and_other_settings_are_refused(tmp_path, capsys):
+  spec = importlib.util.spec_from_file_location("compare", REPO / "experiments" / "compare_anomalib.py")
+  compare = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(compare)
+  config = {"backbone": "vgg16_hed", "image_size": 256, "fiber_batch": 64, "epochs": 1, "lr": 1e-4,
+            "batch_size": 32, "max_train": None, "max_test": None}
+  values = {"ours": [0.70, 0.74, 0.75], "anomalib": [0.72, 0.69, 0.71]}
+  paths = []
+  for i in range(3):
+    round_ = {side: {"image_auroc_test_set": v[i], "train_fibers_per_s": 1000.0 * (i + 1)}
+              for side, v in values.items()}
+    report = {"config": {**config, "seed": i}, "data": {"counts": {"train/good": 10}}, "rounds": [round_]}
+    paths.append(tmp_path / f"seed{i}.json")
+    paths[-1].write_text(json.dumps(report))
+  assert compare.main(["--combine", *map(str, paths)]) == 0
+  out = capsys.readouterr().out
+  for side in ("ours", "anomalib"):
+    mean, std = np.mean(values[side]), np.std(values[side], ddof=1)
+    assert f"{mean:.4f} +- {std:.4f} (n=3)" in out
+  other = json.loads(paths[0].read_text())
+  other["config"]["image_size"] = 128
+  paths[0].write_text(json.dumps(other))
+  assert compare.main(["--combine", *map(str, paths)]) == 2
+  assert "different settings" in capsys.readouterr().err
