@@ -78,7 +78,7 @@ def fit(config: Config, train_set, *, encoder_variables=None, workdir=None, prog
     raise UserError("the training set is empty: it needs defect-free images in train/good")
   model, encoder_variables = create(config, encoder_variables)
   if config.epochs > 1 and hasattr(train_set, "resized"):
-    train_set = train_set.resized(config.image_size)  # decode and resize once, not every epoch
+    train_set = train_set.resized(config.image_size, resample=config.resample)  # decode and resize once, not every epoch
   batch_size = min(config.batch_size, len(train_set))
   batches_per_epoch = len(train_set) // batch_size  # the last partial batch is dropped, as the original
 
@@ -86,8 +86,8 @@ def fit(config: Config, train_set, *, encoder_variables=None, workdir=None, prog
     train_batches = _cached_feature_batches(model, encoder_variables, train_set, batch_size)
   else:
     def train_batches(epoch):
-      for batch in data.batches(train_set, batch_size, config.image_size, seed=config.seed, epoch=epoch,
-                                rotation=config.rotation, drop_remainder=True):
+      for batch in _batches(config, train_set, batch_size, seed=config.seed, epoch=epoch,
+                            rotation=config.rotation, drop_remainder=True):
         yield batch["image"]
 
   identity = _identity(config, encoder_variables, train_set)
@@ -96,7 +96,7 @@ def fit(config: Config, train_set, *, encoder_variables=None, workdir=None, prog
   began = time.perf_counter()
   normalization = train.fit_normalization(
       model, encoder_variables, state.params, state.permutations,
-      (b["image"] for b in data.batches(train_set, config.batch_size, config.image_size)))
+      (b["image"] for b in _batches(config, train_set, config.batch_size)))
   history["normalization_seconds"] = time.perf_counter() - began
   state = state._replace(normalization=normalization)
   if workdir is not None:
@@ -109,7 +109,7 @@ def _cached_feature_batches(model, encoder_variables, train_set, batch_size):
   input pipeline would have used for that epoch."""
   config = model.config
   parts = [jax.device_get(model_lib.encode(model, encoder_variables, b["image"]))
-           for b in data.batches(train_set, batch_size, config.image_size)]
+           for b in _batches(config, train_set, batch_size)]
   features = tuple(np.concatenate(layer) for layer in zip(*parts))  # per layer (N, h, w, C), file order
 
   def batches(epoch):
@@ -140,7 +140,13 @@ def load(workdir, encoder_variables=None) -> Detector:
                   Normalization(*state.normalization), meta.get("history", {}))
 
 
-def _as_batches(images, batch_size: int, image_size: int) -> Iterator[dict]:
+def _batches(config: Config, images, batch_size: int, **kwargs) -> Iterator[dict]:
+  """The input pipeline's batches at the config's image size and resizing filter."""
+  return data.batches(images, batch_size, config.image_size, resample=config.resample, **kwargs)
+
+
+def _as_batches(images, batch_size: int, config: Config) -> Iterator[dict]:
+  image_size = config.image_size
   if isinstance(images, np.ndarray) or isinstance(images, jax.Array):
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1:3] != (image_size, image_size):
@@ -148,7 +154,7 @@ def _as_batches(images, batch_size: int, image_size: int) -> Iterator[dict]:
     for i in range(0, len(images), batch_size):
       yield {"image": images[i:i + batch_size]}
   else:
-    yield from data.batches(images, batch_size, image_size)
+    yield from _batches(config, images, batch_size)
 
 
 def score_batches(detector: Detector, images, batch_size: int | None = None,
@@ -165,7 +171,7 @@ def score_batches(detector: Detector, images, batch_size: int | None = None,
   encoder_variables, params, permutations, normalization = sharding.replicate(
       (detector.encoder_variables, detector.params, detector.permutations, detector.normalization), mesh)
   fixed = normalization if mode == "train" else None
-  for batch in _as_batches(images, batch_size, config.image_size):
+  for batch in _as_batches(images, batch_size, config):
     x, n = batch["image"], len(batch["image"])
     if fixed is not None and n < batch_size:
       # Pad a short last batch to the compiled shape; with fixed constants each image is scored alone.
@@ -190,7 +196,7 @@ def score(detector: Detector, images, batch_size: int | None = None,
   config = detector.config
   log_probs = [model_lib.image_log_probs(detector.model, detector.encoder_variables, detector.params,
                                          detector.permutations, b["image"])
-               for b in _as_batches(images, batch_size or config.batch_size, config.image_size)]
+               for b in _as_batches(images, batch_size or config.batch_size, config)]
   stacked = tuple(jnp.concatenate(layer) for layer in zip(*log_probs))
   maps, scores = _maps(stacked, config.image_size, None)
   return Scores(np.asarray(scores), np.asarray(maps))
@@ -204,8 +210,7 @@ def evaluate(detector: Detector, test_set, batch_size: int | None = None,
   began = time.perf_counter()
   if mode == "test_set":
     result = score(detector, test_set, batch_size, mode)
-    for batch in data.batches(test_set, batch_size or detector.config.batch_size,
-                              detector.config.image_size):
+    for batch in _batches(detector.config, test_set, batch_size or detector.config.batch_size):
       labels.append(batch["label"]), masks.append(batch["mask"]), names.extend(batch["filename"])
     scores, maps = result
   else:

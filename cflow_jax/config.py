@@ -8,6 +8,7 @@ import dataclasses
 import json
 
 BACKBONES = ("wide_resnet50_2", "resnet18", "resnet34", "vgg16_hed")
+RESAMPLE = ("lanczos", "bilinear")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +23,9 @@ class Config:
   # "bfloat16" runs the encoder convolutions in bf16 with f32 accumulation; the flows stay in f32.
   encoder_dtype: str = "float32"
   image_size: int = 256
+  # The filter that resizes images to image_size: "lanczos" is O's (PIL's ANTIALIAS); "bilinear" is
+  # anomalib's (torchvision's antialiased Resize), smoother where small images are enlarged.
+  resample: str = "lanczos"
 
   # --- Decoder: one conditional flow per tapped layer (SPEC section 3) ---
   condition_dim: int = 128  # P, the positional code's length
@@ -52,6 +56,7 @@ class Config:
   def __post_init__(self):
     _check_choice("backbone", self.backbone, BACKBONES)
     _check_choice("padding", self.padding, ("zeros", "reflect"))
+    _check_choice("resample", self.resample, RESAMPLE)
     _check_choice("encoder_dtype", self.encoder_dtype, ("float32", "bfloat16"))
     _check_choice("permutation", self.permutation, ("hard", "soft"))
     _check_choice("schedule", self.schedule, ("cosine", "constant"))

@@ -36,7 +36,7 @@ def fit_many(config: Config, train_sets: dict, *, encoder_variables=None, progre
   if not names:
     raise UserError("fit_many needs at least one training set")
   model, encoder_variables = api.create(config, encoder_variables)
-  train_sets = {n: s.resized(config.image_size) for n, s in train_sets.items()}
+  train_sets = {n: s.resized(config.image_size, resample=config.resample) for n, s in train_sets.items()}
   batch_size = min(config.batch_size, *(len(s) for s in train_sets.values()))
   batches_per_epoch = min(len(s) for s in train_sets.values()) // batch_size
   if batches_per_epoch == 0:
@@ -54,7 +54,8 @@ def fit_many(config: Config, train_sets: dict, *, encoder_variables=None, progre
   for epoch in range(config.epochs):
     began, losses = time.perf_counter(), []
     streams = [data.batches(train_sets[n], batch_size, config.image_size, seed=config.seed, epoch=epoch,
-                            rotation=config.rotation, drop_remainder=True) for n in names]
+                            rotation=config.rotation, drop_remainder=True, resample=config.resample)
+               for n in names]
     for b in range(batches_per_epoch):
       images = np.concatenate([next(s)["image"] for s in streams])  # (K*B, S, S, 3)
       features = model_lib.encode(model, encoder_variables, images)
@@ -74,6 +75,7 @@ def fit_many(config: Config, train_sets: dict, *, encoder_variables=None, progre
   for name, p, q in zip(names, _unstack(params, k), _unstack(permutations, k)):
     normalization = train.fit_normalization(
         model, encoder_variables, p, q,
-        (b["image"] for b in data.batches(train_sets[name], config.batch_size, config.image_size)))
+        (b["image"] for b in data.batches(train_sets[name], config.batch_size, config.image_size,
+                                          resample=config.resample)))
     detectors[name] = api.Detector(model, encoder_variables, p, q, normalization, dict(history))
   return detectors

@@ -1,7 +1,8 @@
 """Side-by-side benchmark on Magnetic Tile: our CFLOW (experiments/train.py) against anomalib's Cflow.
 
-Both sides get the same images, the same HED VGG16 encoder, input size, fiber batch N, epochs, learning
-rate, batch size and seed, and each runs in its own subprocess pinned to the same CPUs with the same
+Both sides get the same images, resized with the same filter (antialiased bilinear, the reference's; ours
+defaults to the original code's Lanczos), the same HED VGG16 encoder, input size, fiber batch N, epochs,
+learning rate, batch size and seed, and each runs in its own subprocess pinned to the same CPUs with the same
 thread settings; rounds alternate which side runs first. The table gives each side's accuracy and speed,
 and ours/anomalib ratios of throughput and peak memory.
 
@@ -54,7 +55,8 @@ RESCORED = tuple(f"{metric}_{rule}" for rule in RULES for metric in ("image_auro
 SPEED = ("train_seconds", "train_fibers_per_s", "train_images_per_s", "score_images_per_s")
 MEMORY = ("peak_rss_mb", "child_peak_rss_mb")
 # What must agree for rounds of several reports to be summarised together.
-SETTINGS = ("backbone", "image_size", "fiber_batch", "epochs", "lr", "batch_size", "max_train", "max_test")
+SETTINGS = ("backbone", "image_size", "fiber_batch", "epochs", "lr", "batch_size", "max_train", "max_test",
+            "resample")
 RATIOS = ("train_fibers_per_s", "train_images_per_s", "score_images_per_s", "peak_rss_mb", "child_peak_rss_mb")
 
 
@@ -166,7 +168,8 @@ def run_ours(args, data_dir: Path, run_dir: Path) -> dict:
       sys.executable, "experiments/train.py", "--dataset=folder", f"--data_dir={data_dir}", f"--category={CATEGORY}",
       f"--backbone={args.backbone}", f"--image_size={args.image_size}", f"--fiber_batch={args.fiber_batch}",
       f"--epochs={args.epochs}", f"--lr={args.lr:g}", f"--batch_size={args.batch_size}", "--schedule=constant",
-      "--rotation=0", f"--seed={args.seed}", f"--workdir={run_dir}", *_subset_flags(args),
+      "--rotation=0", f"--resample={args.resample}", f"--seed={args.seed}", f"--workdir={run_dir}",
+      *_subset_flags(args),
       *shlex.split(args.ours_extra),
   ]
   child = run_child(cmd, run_dir / "log.txt", args.threads)
@@ -359,6 +362,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--lr", type=float, default=1e-4)
   parser.add_argument("--batch_size", type=int, default=32, help="images per batch, both sides")
   parser.add_argument("--seed", type=int, default=42)
+  parser.add_argument("--resample", default="bilinear", choices=("bilinear", "lanczos"),
+                      help="our resizing filter; bilinear is what the reference's torchvision Resize does")
   parser.add_argument("--seeds", default=None, help="comma-separated seeds, one round each (overrides --rounds, --seed)")
   parser.add_argument("--combine", nargs="+", default=None, metavar="REPORT",
                       help="print the summary of the rounds of these reports together (runs nothing)")

@@ -39,7 +39,8 @@ from cflow_jax.anomaly_map import Normalization, anomaly_maps
 def layer_log_probs(detector, images, batch_size, desc):
   """Every layer's log p / C for a set of images, as numpy (N, h, w) per layer."""
   parts = []
-  for batch in tqdm(cf.data.batches(images, batch_size, detector.config.image_size), desc=desc,
+  for batch in tqdm(cf.data.batches(images, batch_size, detector.config.image_size,
+                                          resample=detector.config.resample), desc=desc,
                     total=-(-len(images) // batch_size)):
     x, n = batch["image"], len(batch["image"])
     if n < batch_size:
@@ -100,14 +101,16 @@ def main(argv=None):
   cache = Path(args.workdir) / "normalization_study.npz"
   detector = cf.load(args.workdir)
   size = detector.config.image_size
-  test_set = cf.data.load(args.dataset, "test", args.category, args.data_dir).resized(size)
+  resample = detector.config.resample
+  test_set = cf.data.load(args.dataset, "test", args.category, args.data_dir).resized(size, resample=resample)
   layers = range(len(detector.params))
   stored = dict(np.load(cache)) if cache.exists() else {}
   if "test0" not in stored:
     stored.update({f"test{i}": l for i, l in enumerate(
         layer_log_probs(detector, test_set, args.batch_size, "test log p"))})
   if args.quantiles and "train0" not in stored:
-    train_set = cf.data.load(args.dataset, "train", args.category, args.data_dir).resized(size)
+    train_set = cf.data.load(args.dataset, "train", args.category, args.data_dir).resized(
+        size, resample=resample)
     stored.update({f"train{i}": l for i, l in enumerate(
         layer_log_probs(detector, train_set, args.batch_size, "train log p"))})
   np.savez(cache, **stored)

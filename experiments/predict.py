@@ -46,12 +46,12 @@ def image_paths(arguments) -> list[pathlib.Path]:
   return paths
 
 
-def read_resized(path: pathlib.Path, image_size: int) -> np.ndarray:
+def read_resized(path: pathlib.Path, image_size: int, resample: str = "lanczos") -> np.ndarray:
   """(S, S, 3) uint8 RGB, read and resized as the training images were (a UserError if unreadable)."""
   encoded, size = files.read_image(path)
   with Image.open(io.BytesIO(encoded)) as image:
     rgb = np.asarray(image.convert("RGB"))
-  return preprocess({"image": rgb, "mask": np.zeros(size, np.uint8)}, image_size)["image"]
+  return preprocess({"image": rgb, "mask": np.zeros(size, np.uint8)}, image_size, 0.0, resample)["image"]
 
 
 def default_threshold(workdir: pathlib.Path) -> float | None:
@@ -72,7 +72,7 @@ def main(argv):
   images, names = [], []
   for path in image_paths(argv[1:]):
     try:
-      images.append(read_resized(path, size))
+      images.append(read_resized(path, size, detector.config.resample))
       names.append(path)
     except UserError as error:
       print(f"skipped {path}: {common.one_line(error)}")

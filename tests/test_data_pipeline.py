@@ -71,6 +71,22 @@ def test_resize_is_antialiased_and_masks_stay_binary():
   assert set(np.unique(out["mask"])) <= {0, 1}
 
 
+def test_resample_picks_the_filter_and_resized_sets_remember_it():
+  """lanczos (the original) rings where bilinear (anomalib) stays within its neighbours: enlarge a step."""
+  step = np.zeros((8, 8, 3), np.uint8)
+  step[:, 4:] = 200
+  example = dict(image=step, mask=np.zeros((8, 8), np.uint8), label=0, defect="good", filename="s.png")
+  lanczos = input_pipeline.preprocess(example, 32)["image"].astype(int)
+  bilinear = input_pipeline.preprocess(example, 32, resample="bilinear")["image"].astype(int)
+  assert bilinear.min() == 0 and bilinear.max() == 200 and lanczos.max() > 200, "lanczos overshoots"
+  images = data.ImageSet([example], name="t", category="c", split="train", has_masks=False)
+  once = images.resized(32, resample="bilinear")
+  assert once.resized(32, resample="bilinear") is once
+  np.testing.assert_array_equal(once[0]["image"], bilinear)
+  np.testing.assert_array_equal(once.resized(32)[0]["image"], once[0]["image"])  # held pixels are kept
+  np.testing.assert_array_equal(images.resized(32)[0]["image"], lanczos)
+
+
 class _Failing(list):
   def __getitem__(self, index):
     if index == 6:

@@ -14,8 +14,9 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image
 
-# O resizes with PIL's ANTIALIAS filter, which is Lanczos; PIL filters widen when shrinking (antialiased).
-IMAGE_RESAMPLE = Image.Resampling.LANCZOS
+# Resizing filters by config name: O resizes with PIL's ANTIALIAS, which is Lanczos; anomalib with
+# torchvision's antialiased bilinear, which PIL's bilinear matches (PIL filters widen when shrinking).
+IMAGE_RESAMPLE = {"lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR}
 # Bilinear keeps a rotated image smooth; a mask must stay 0/1, so it takes the nearest pixel.
 ROTATE_RESAMPLE = Image.Resampling.BILINEAR
 # Decoding and resizing threads; PIL releases the GIL, so they scale with the cores.
@@ -24,7 +25,7 @@ DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 
 def batches(images, batch_size: int, image_size: int, *, seed: int | None = None, epoch: int = 0,
             rotation: float = 0.0, drop_remainder: bool = False, prefetch: int = 2,
-            workers: int | None = None) -> Iterator[dict]:
+            workers: int | None = None, resample: str = "lanczos") -> Iterator[dict]:
   """Yields dicts of one batch each:
     image (B, S, S, 3) uint8 RGB, mask (B, S, S) uint8 0/1, label (B,) int32, defect and filename: lists
     of B str.
@@ -32,7 +33,8 @@ def batches(images, batch_size: int, image_size: int, *, seed: int | None = None
   seed None: file order, no augmentation. seed given: shuffled, and each image turned by an angle uniform in
   +-`rotation` degrees (corners filled black), both drawn from (seed, epoch) alone, so that a resumed run
   regenerates any epoch exactly. The last batch is smaller unless `drop_remainder`. `workers` threads decode
-  and resize (default: DEFAULT_WORKERS); prefetch 0 makes everything synchronous. For many epochs over the
+  and resize (default: DEFAULT_WORKERS), with the filter `resample` names; prefetch 0 makes everything
+  synchronous. For many epochs over the
   same images, pass `images.resized(image_size)` to decode and resize only once.
   """
   if rotation and seed is None:
@@ -43,7 +45,7 @@ def batches(images, batch_size: int, image_size: int, *, seed: int | None = None
 
   def batch(start):
     indices = order[start:start + batch_size]
-    examples = list(pool.map(lambda i: preprocess(images[i], image_size, angles[i]), indices))
+    examples = list(pool.map(lambda i: preprocess(images[i], image_size, angles[i], resample), indices))
     return dict(image=np.stack([e["image"] for e in examples]),
                 mask=np.stack([e["mask"] for e in examples]),
                 label=np.array([e["label"] for e in examples], np.int32),
@@ -66,11 +68,11 @@ def epoch_plan(count: int, seed: int | None, epoch: int, rotation: float) -> tup
   return order, angles
 
 
-def preprocess(example: dict, image_size: int, angle: float = 0.0) -> dict:
+def preprocess(example: dict, image_size: int, angle: float = 0.0, resample: str = "lanczos") -> dict:
   """The example with image (S, S, 3) and mask (S, S) resized to S = image_size, then turned by `angle`."""
   image, mask = example["image"], example["mask"]
   if image.shape[:2] != (image_size, image_size):
-    image = np.asarray(Image.fromarray(image).resize((image_size, image_size), IMAGE_RESAMPLE))
+    image = np.asarray(Image.fromarray(image).resize((image_size, image_size), IMAGE_RESAMPLE[resample]))
     mask = np.asarray(Image.fromarray(mask).resize((image_size, image_size), Image.Resampling.NEAREST))
   if angle:
     image = np.asarray(Image.fromarray(image).rotate(angle, ROTATE_RESAMPLE))
