@@ -101,7 +101,7 @@ def layer_log_probs(model: Model, params, permutations, features):
   for layer_params, layer_perms, f in zip(params, permutations, features):
     b, h, w, c = f.shape
     fibers, condition = fibers_and_condition(f.astype(jnp.float32), model.config.condition_dim)
-    log_p_of = lambda x, c: flow.log_prob(layer_params, layer_perms, x, c, model.config.clamp)
+    log_p_of = lambda x, cond: flow.log_prob(layer_params, layer_perms, x, cond, model.config.clamp)
     if _cache_blocked():
       log_p = _in_blocks(log_p_of, fibers, condition, _CPU_FIBER_BLOCK)
     else:
