@@ -78,7 +78,8 @@ def fit(config: Config, train_set, *, encoder_variables=None, workdir=None, prog
     raise UserError("the training set is empty: it needs defect-free images in train/good")
   model, encoder_variables = create(config, encoder_variables)
   if config.epochs > 1 and hasattr(train_set, "resized"):
-    train_set = train_set.resized(config.image_size, resample=config.resample)  # decode and resize once, not every epoch
+    # Decode and resize once, not every epoch.
+    train_set = train_set.resized(config.image_size, resample=config.resample)
   batch_size = min(config.batch_size, len(train_set))
   batches_per_epoch = len(train_set) // batch_size  # the last partial batch is dropped, as the original
 
@@ -86,7 +87,7 @@ def fit(config: Config, train_set, *, encoder_variables=None, workdir=None, prog
     train_batches = _cached_feature_batches(model, encoder_variables, train_set, batch_size)
   else:
     def train_batches(epoch):
-      for batch in _batches(config, train_set, batch_size, seed=config.seed, epoch=epoch,
+      for batch in input_batches(config, train_set, batch_size, seed=config.seed, epoch=epoch,
                             rotation=config.rotation, drop_remainder=True):
         yield batch["image"]
 
@@ -96,7 +97,7 @@ def fit(config: Config, train_set, *, encoder_variables=None, workdir=None, prog
   began = time.perf_counter()
   normalization = train.fit_normalization(
       model, encoder_variables, state.params, state.permutations,
-      (b["image"] for b in _batches(config, train_set, config.batch_size)))
+      (b["image"] for b in input_batches(config, train_set, config.batch_size)))
   history["normalization_seconds"] = time.perf_counter() - began
   state = state._replace(normalization=normalization)
   if workdir is not None:
@@ -109,7 +110,7 @@ def _cached_feature_batches(model, encoder_variables, train_set, batch_size):
   input pipeline would have used for that epoch."""
   config = model.config
   parts = [jax.device_get(model_lib.encode(model, encoder_variables, b["image"]))
-           for b in _batches(config, train_set, batch_size)]
+           for b in input_batches(config, train_set, batch_size)]
   features = tuple(np.concatenate(layer) for layer in zip(*parts))  # per layer (N, h, w, C), file order
 
   def batches(epoch):
@@ -140,7 +141,7 @@ def load(workdir, encoder_variables=None) -> Detector:
                   Normalization(*state.normalization), meta.get("history", {}))
 
 
-def _batches(config: Config, images, batch_size: int, **kwargs) -> Iterator[dict]:
+def input_batches(config: Config, images, batch_size: int, **kwargs) -> Iterator[dict]:
   """The input pipeline's batches at the config's image size and resizing filter."""
   return data.batches(images, batch_size, config.image_size, resample=config.resample, **kwargs)
 
@@ -154,7 +155,7 @@ def _as_batches(images, batch_size: int, config: Config) -> Iterator[dict]:
     for i in range(0, len(images), batch_size):
       yield {"image": images[i:i + batch_size]}
   else:
-    yield from _batches(config, images, batch_size)
+    yield from input_batches(config, images, batch_size)
 
 
 def score_batches(detector: Detector, images, batch_size: int | None = None,
@@ -210,7 +211,7 @@ def evaluate(detector: Detector, test_set, batch_size: int | None = None,
   began = time.perf_counter()
   if mode == "test_set":
     result = score(detector, test_set, batch_size, mode)
-    for batch in _batches(detector.config, test_set, batch_size or detector.config.batch_size):
+    for batch in input_batches(detector.config, test_set, batch_size or detector.config.batch_size):
       labels.append(batch["label"]), masks.append(batch["mask"]), names.extend(batch["filename"])
     scores, maps = result
   else:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from cflow_jax import api, data, model as model_lib, train
+from cflow_jax import api, model as model_lib, train
 from cflow_jax.config import Config
 from cflow_jax.errors import UserError
 
@@ -53,9 +53,8 @@ def fit_many(config: Config, train_sets: dict, *, encoder_variables=None, progre
   bar = tqdm(total=config.epochs * batches_per_epoch, disable=not progress, unit="batch")
   for epoch in range(config.epochs):
     began, losses = time.perf_counter(), []
-    streams = [data.batches(train_sets[n], batch_size, config.image_size, seed=config.seed, epoch=epoch,
-                            rotation=config.rotation, drop_remainder=True, resample=config.resample)
-               for n in names]
+    streams = [api.input_batches(config, train_sets[n], batch_size, seed=config.seed, epoch=epoch,
+                                 rotation=config.rotation, drop_remainder=True) for n in names]
     for b in range(batches_per_epoch):
       images = np.concatenate([next(s)["image"] for s in streams])  # (K*B, S, S, 3)
       features = model_lib.encode(model, encoder_variables, images)
@@ -75,7 +74,6 @@ def fit_many(config: Config, train_sets: dict, *, encoder_variables=None, progre
   for name, p, q in zip(names, _unstack(params, k), _unstack(permutations, k)):
     normalization = train.fit_normalization(
         model, encoder_variables, p, q,
-        (b["image"] for b in data.batches(train_sets[name], config.batch_size, config.image_size,
-                                          resample=config.resample)))
+        (b["image"] for b in api.input_batches(config, train_sets[name], config.batch_size)))
     detectors[name] = api.Detector(model, encoder_variables, p, q, normalization, dict(history))
   return detectors

@@ -254,7 +254,12 @@ def format_spread(summary: dict) -> str:
   if not any(" +- " in cell for row in rows for cell in row[1:]):
     return ""
   rows.insert(0, ("accuracy over rounds", "ours", "anomalib"))
-  widths = [max(len(row[i]) for row in rows) for i in range(3)]
+  return _aligned(rows)
+
+
+def _aligned(rows: list[tuple[str, ...]]) -> str:
+  """Rows as text columns: the first left-aligned, the others right-aligned, a rule under the header."""
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   lines = ["  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:]))]) for row in rows]
   lines.insert(1, "  ".join("-" * w for w in widths))
   return "\n".join(lines)
@@ -271,10 +276,7 @@ def format_table(summary: dict) -> str:
     cell = lambda v: "-" if v is None else fmt.format(v)  # noqa: E731
     r = ratio.get(key)
     rows.append((key, cell(a), cell(b), "-" if r is None else f"{r:.2f}x"))
-  widths = [max(len(row[i]) for row in rows) for i in range(4)]
-  lines = ["  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:]))]) for row in rows]
-  lines.insert(1, "  ".join("-" * w for w in widths))
-  return "\n".join(lines)
+  return _aligned(rows)
 
 
 def combine(paths: list[str]) -> int:

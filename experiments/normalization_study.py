@@ -39,8 +39,7 @@ from cflow_jax.anomaly_map import Normalization, anomaly_maps
 def layer_log_probs(detector, images, batch_size, desc):
   """Every layer's log p / C for a set of images, as numpy (N, h, w) per layer."""
   parts = []
-  for batch in tqdm(cf.data.batches(images, batch_size, detector.config.image_size,
-                                          resample=detector.config.resample), desc=desc,
+  for batch in tqdm(cf.api.input_batches(detector.config, images, batch_size), desc=desc,
                     total=-(-len(images) // batch_size)):
     x, n = batch["image"], len(batch["image"])
     if n < batch_size:

@@ -34,8 +34,8 @@ def batches(images, batch_size: int, image_size: int, *, seed: int | None = None
   +-`rotation` degrees (corners filled black), both drawn from (seed, epoch) alone, so that a resumed run
   regenerates any epoch exactly. The last batch is smaller unless `drop_remainder`. `workers` threads decode
   and resize (default: DEFAULT_WORKERS), with the filter `resample` names; prefetch 0 makes everything
-  synchronous. For many epochs over the
-  same images, pass `images.resized(image_size)` to decode and resize only once.
+  synchronous. For many epochs over the same images, pass `images.resized(image_size)` to decode and
+  resize only once.
   """
   if rotation and seed is None:
     raise ValueError("Random rotation needs a seed; pass seed= (and epoch=) to batches().")
