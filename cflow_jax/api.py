@@ -81,19 +81,20 @@ def fit(config: Config, train_set, *, encoder_variables=None, workdir=None, prog
     # Decode and resize once, not every epoch.
     train_set = train_set.resized(config.image_size, resample=config.resample)
   batch_size = min(config.batch_size, len(train_set))
-  batches_per_epoch = len(train_set) // batch_size  # the last partial batch is dropped, as the original
+  batches_per_epoch = (len(train_set) // batch_size if config.drop_last_batch
+                       else -(-len(train_set) // batch_size))
 
   if config.cache_features:
     train_batches = _cached_feature_batches(model, encoder_variables, train_set, batch_size)
   else:
     def train_batches(epoch):
       for batch in input_batches(config, train_set, batch_size, seed=config.seed, epoch=epoch,
-                            rotation=config.rotation, drop_remainder=True):
+                                rotation=config.rotation, drop_remainder=config.drop_last_batch):
         yield batch["image"]
 
   identity = _identity(config, encoder_variables, train_set)
-  state, history = train.fit(model, encoder_variables, train_batches, batches_per_epoch, batch_size,
-                             workdir=workdir, meta=identity, progress=progress, log=log)
+  state, history = train.fit(model, encoder_variables, train_batches, batches_per_epoch, workdir=workdir,
+                             meta=identity, progress=progress, log=log)
   began = time.perf_counter()
   normalization = train.fit_normalization(
       model, encoder_variables, state.params, state.permutations,
@@ -115,7 +116,8 @@ def _cached_feature_batches(model, encoder_variables, train_set, batch_size):
 
   def batches(epoch):
     order, _ = data.input_pipeline.epoch_plan(len(train_set), config.seed, epoch, 0.0)
-    for start in range(0, len(order) - batch_size + 1, batch_size):
+    last = len(order) - batch_size + 1 if config.drop_last_batch else len(order)
+    for start in range(0, last, batch_size):
       idx = order[start:start + batch_size]
       yield tuple(f[idx] for f in features)
 
@@ -134,7 +136,7 @@ def load(workdir, encoder_variables=None) -> Detector:
   if fingerprint and fingerprint != checkpoint.fingerprint(encoder_variables):
     raise UserError(f"the encoder weights differ from those the run in {workdir} was trained with "
                     f"({meta['identity'].get('weights')})")
-  like = train.init_state(model, jax.random.key(0), train.make_optimizers(model, 1, 1))
+  like = train.init_state(model, jax.random.key(0))
   state, meta = checkpoint.restore(workdir, like)
   state = train.TrainState(*state)
   return Detector(model, encoder_variables, state.params, state.permutations,

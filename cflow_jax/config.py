@@ -37,6 +37,8 @@ class Config:
   fiber_batch: int = 256  # N fibers per optimiser step (O: 256, A: 64)
   drop_remainder: bool = True  # O drops the last partial chunk; False lets it absorb into the last step (A)
   batch_size: int = 32  # images per encoder pass
+  # O drops an epoch's last partial image batch; False trains on it too (A: every image, every epoch).
+  drop_last_batch: bool = True
   lr: float = 2e-4
   schedule: str = "cosine"  # "cosine" (O: warm-up + cosine per meta-epoch) or "constant" (A)
   meta_epochs: int = 25

@@ -3,7 +3,8 @@
 The frozen encoder is shared: each step encodes the K categories' image batches as one batch of K*B
 images, then one compiled, vmapped step trains the K sets of decoders on their own fibers. The categories
 advance in lockstep, so an epoch has as many image batches as the smallest category gives; a larger
-category sees a different random subset of its images every epoch. No checkpoints are written: use `fit`
+category sees a different random subset of its images every epoch (full batches only: `drop_last_batch`
+does not apply, since a stacked step needs the same batch shape for every category). No checkpoints are written: use `fit`
 per category for long, resumable runs.
 """
 
@@ -42,11 +43,11 @@ def fit_many(config: Config, train_sets: dict, *, encoder_variables=None, progre
   if batches_per_epoch == 0:
     raise UserError("a training set is empty: each category needs defect-free images in train/good")
   k = len(names)
-  optimizers = train.make_optimizers(model, batch_size, batches_per_epoch)
-  one = train.init_state(model, jax.random.key(config.seed), optimizers)
+  schedule = train.learning_rate(config, batches_per_epoch)
+  one = train.init_state(model, jax.random.key(config.seed))
   params, opt_states = _stack([one.params] * k), _stack([one.opt_states] * k)
   permutations = _stack([one.permutations] * k)
-  step = jax.jit(jax.vmap(train.train_batch_fn(model, batch_size, batches_per_epoch)), donate_argnums=(0, 1))
+  step = jax.jit(jax.vmap(train.train_batch_fn(model), in_axes=(0, 0, 0, 0, 0, None)), donate_argnums=(0, 1))
 
   history = {"epoch_seconds": [], "epoch_loss": [], "fibers_per_epoch":
              k * batches_per_epoch * sum(batch_size * h * h for h in model.feature_sizes())}
@@ -60,7 +61,8 @@ def fit_many(config: Config, train_sets: dict, *, encoder_variables=None, progre
       features = model_lib.encode(model, encoder_variables, images)
       features = tuple(f.reshape((k, batch_size) + f.shape[1:]) for f in features)
       keys = jnp.stack([train.batch_key(config.seed, epoch, b)] * k)
-      params, opt_states, layer_losses = step(params, opt_states, permutations, features, keys)
+      lr = np.float32(schedule(epoch * batches_per_epoch + b))
+      params, opt_states, layer_losses = step(params, opt_states, permutations, features, keys, lr)
       losses.append(float(np.mean([np.mean(l) for l in layer_losses])))
       bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}")
       bar.update()

@@ -6,7 +6,8 @@ chunk loop of all layers is one compiled function (`make_train_batch`): a `lax.s
 per feature shape, so Python runs once per image batch rather than once per optimiser step.
 
 Each decoder has its own Adam state (PyTorch 2's behaviour for one optimiser over all decoders: a decoder
-that got no gradient this step does not move).
+that got no gradient this step does not move). The learning rate is an argument of each image batch's call,
+taken from the schedule in Python, so a shorter last batch neither recompiles the step nor shifts the schedule.
 """
 
 import functools
@@ -49,19 +50,14 @@ def learning_rate(config: Config, batches_per_epoch: int) -> optax.Schedule:
 
 
 def chunks_per_batch(n_fibers: int, config: Config) -> int:
-  """Optimiser steps a layer takes per image batch."""
+  """Optimiser steps a layer takes per image batch of n_fibers fibers."""
   return max(n_fibers // config.fiber_batch, 1)
 
 
-def make_optimizers(model, batch_size: int, batches_per_epoch: int):
-  """One Adam per decoder; its step count advances per chunk, the schedule per image batch."""
-  config = model.config
-  schedule = learning_rate(config, batches_per_epoch)
-  optimizers = []
-  for h in model.feature_sizes():
-    chunks = chunks_per_batch(batch_size * h * h, config)
-    optimizers.append(optax.adam(lambda step, c=chunks: schedule(step // c)))
-  return tuple(optimizers)
+def make_optimizer() -> optax.GradientTransformation:
+  """Adam's scaling of the gradients (the learning rate is applied per image batch, see `train_batch_fn`);
+  its moments and step count advance per chunk, as PyTorch's Adam does per `step()`."""
+  return optax.scale_by_adam()
 
 
 def _chunk_indices(key, n: int, config: Config):
@@ -72,23 +68,24 @@ def _chunk_indices(key, n: int, config: Config):
   """
   order = jax.random.permutation(key, n)
   size = min(config.fiber_batch, n)
-  k = n // size
+  k = chunks_per_batch(n, config)
   if config.drop_remainder or n % size == 0:
     return order[:k * size].reshape(k, size), None
   return order[:(k - 1) * size].reshape(k - 1, size), order[(k - 1) * size:]
 
 
-def train_batch_fn(model, batch_size: int, batches_per_epoch: int, mesh=None):
-  """The pure function train_batch(params, opt_states, permutations, features, key)
-  -> (params, opt_states, losses), where `losses` holds, per layer, the loss of every chunk.
+def train_batch_fn(model, mesh=None):
+  """The pure function train_batch(params, opt_states, permutations, features, key, lr)
+  -> (params, opt_states, losses), where `losses` holds, per layer, the loss of every chunk and `lr` is
+  this image batch's learning rate (a scalar, traced: a new value does not recompile).
 
   With a `mesh` of several devices each chunk's fibers are split over them (data parallelism; XLA
   all-reduces the gradients).
   """
   config = model.config
-  optimizers = make_optimizers(model, batch_size, batches_per_epoch)
+  optimizer = make_optimizer()
 
-  def train_layer(params, opt_state, permutations, optimizer, features, key):
+  def train_layer(params, opt_state, permutations, features, key, lr):
     fibers, condition = model_lib.fibers_and_condition(features, config.condition_dim)
     channels = fibers.shape[-1]
 
@@ -102,7 +99,7 @@ def train_batch_fn(model, batch_size: int, batches_per_epoch: int, mesh=None):
       p, s = carry
       loss, grads = jax.value_and_grad(loss_fn)(p, idx)
       updates, s = optimizer.update(grads, s, p)
-      return (optax.apply_updates(p, updates), s), loss
+      return (optax.apply_updates(p, jax.tree.map(lambda u: -lr * u, updates)), s), loss
 
     main, last = _chunk_indices(key, fibers.shape[0], config)
     (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), main)
@@ -111,20 +108,19 @@ def train_batch_fn(model, batch_size: int, batches_per_epoch: int, mesh=None):
       losses = jnp.concatenate([losses, last_loss[None]])
     return params, opt_state, losses
 
-  def train_batch(params, opt_states, permutations, features, key):
+  def train_batch(params, opt_states, permutations, features, key, lr):
     keys = jax.random.split(key, len(features))
-    out = [train_layer(*args) for args in zip(params, opt_states, permutations, optimizers,
-                                               features, keys)]
+    out = [train_layer(*args, lr) for args in zip(params, opt_states, permutations, features, keys)]
     return tuple(o[0] for o in out), tuple(o[1] for o in out), tuple(o[2] for o in out)
 
   return train_batch
 
 
 @functools.lru_cache(maxsize=8)
-def make_train_batch(model, batch_size: int, batches_per_epoch: int, mesh=None):
+def make_train_batch(model, mesh=None):
   """`train_batch_fn` jitted, with parameters and optimiser states donated. Cached, so runs with the same
-  config and data sizes share one compilation."""
-  return jax.jit(train_batch_fn(model, batch_size, batches_per_epoch, mesh), donate_argnums=(0, 1))
+  config share one compilation per image-batch shape."""
+  return jax.jit(train_batch_fn(model, mesh), donate_argnums=(0, 1))
 
 
 class TrainState(NamedTuple):
@@ -135,9 +131,9 @@ class TrainState(NamedTuple):
   normalization: Normalization
 
 
-def init_state(model, key, optimizers) -> TrainState:
+def init_state(model, key) -> TrainState:
   params, permutations = model_lib.init_decoders(model, key)
-  opt_states = tuple(opt.init(p) for opt, p in zip(optimizers, params))
+  opt_states = tuple(make_optimizer().init(p) for p in params)
   layers = len(params)
   return TrainState(params, opt_states, permutations,
                     Normalization(jnp.zeros((layers,)), jnp.zeros(())))
@@ -150,7 +146,7 @@ def batch_key(seed: int, epoch: int, batch: int):
 
 
 def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.ndarray]],
-        batches_per_epoch: int, batch_size: int, *, workdir=None, meta: dict | None = None,
+        batches_per_epoch: int, *, workdir=None, meta: dict | None = None,
         progress: bool = True, log: Callable[[str], None] = print, mesh=None) -> tuple[TrainState, dict]:
   """Trains the decoders; returns (state, history).
 
@@ -158,14 +154,15 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
     train_batches: epoch -> iterable of uint8 image batches (B, S, S, 3), or of already encoded feature
       tuples (cached features); a pure function of the epoch (same order and augmentation each time it
       is asked), which is what makes resuming exact.
-    batches_per_epoch, batch_size: what `train_batches` yields (every batch full).
+    batches_per_epoch: how many batches `train_batches` yields per epoch (the learning-rate schedule
+      counts image batches); the last may be shorter than the others.
     workdir: if given, a checkpoint is written after every epoch and an existing one is resumed.
     meta: JSON-able identity saved with each checkpoint (encoder weights, dataset).
     mesh: devices to train on, data-parallel (default: all of them, `sharding.data_mesh()`).
   """
   config = model.config
-  optimizers = make_optimizers(model, batch_size, batches_per_epoch)
-  state = init_state(model, jax.random.key(config.seed), optimizers)
+  schedule = learning_rate(config, batches_per_epoch)
+  state = init_state(model, jax.random.key(config.seed))
   history = {"epoch_loss": [], "epoch_seconds": [], "fibers_per_epoch": 0}
   start = 0
   if workdir is not None and checkpoint.latest_step(workdir) is not None:
@@ -181,30 +178,31 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
   mesh = sharding.data_mesh() if mesh is None else mesh
   state = sharding.replicate(state, mesh)
   encoder_variables = sharding.replicate(encoder_variables, mesh)
-  train_batch = make_train_batch(model, batch_size, batches_per_epoch, mesh if mesh.size > 1 else None)
-  fibers_per_batch = sum(batch_size * h * h for h in model.feature_sizes())
+  train_batch = make_train_batch(model, mesh if mesh.size > 1 else None)
   bar = tqdm(total=config.epochs * batches_per_epoch, initial=start * batches_per_epoch,
              disable=not progress, unit="batch", dynamic_ncols=True)
   for epoch in range(start, config.epochs):
-    began, losses = time.perf_counter(), []
+    began, losses, fibers = time.perf_counter(), [], 0
     for b, images in enumerate(train_batches(epoch)):
       if isinstance(images, tuple):  # cached features
         features = tuple(sharding.shard_batch(f, mesh) for f in images)
       else:
         features = model_lib.encode(model, encoder_variables, sharding.shard_batch(images, mesh))
+      lr = np.float32(schedule(epoch * batches_per_epoch + b))
       params, opt_states, layer_losses = train_batch(state.params, state.opt_states, state.permutations,
-                                                      features, batch_key(config.seed, epoch, b))
+                                                      features, batch_key(config.seed, epoch, b), lr)
       state = state._replace(params=params, opt_states=opt_states)
       layer_losses = [np.asarray(l) for l in layer_losses]
       _check_finite(layer_losses, model, epoch, b, workdir)
       losses.append(float(np.mean([l.mean() for l in layer_losses])))
+      fibers += sum(f.shape[0] * f.shape[1] * f.shape[2] for f in features)
       elapsed = max(time.perf_counter() - began, 1e-9)
       bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}",
-                      fibers_s=f"{fibers_per_batch * (b + 1) / elapsed:,.0f}")
+                      fibers_s=f"{fibers / elapsed:,.0f}")
       bar.update()
     history["epoch_loss"].append(float(np.mean(losses)) if losses else float("nan"))
     history["epoch_seconds"].append(time.perf_counter() - began)
-    history["fibers_per_epoch"] = fibers_per_batch * batches_per_epoch
+    history["fibers_per_epoch"] = fibers
     if workdir is not None:
       checkpoint.save(workdir, epoch + 1, state, _meta(config, meta, epoch + 1, history))
   bar.close()

@@ -65,8 +65,8 @@ def main(_):
     variables = api.create(config)[1]
   b, s = config.batch_size, config.image_size
   images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (b, s, s, 3), dtype=np.uint8))
-  state = train.init_state(model, jax.random.key(0), train.make_optimizers(model, b, 1))
-  step = train.make_train_batch(model, b, 1)
+  state = train.init_state(model, jax.random.key(0))
+  step = train.make_train_batch(model)
   features = model_lib.encode(model, variables, images)
   key = jax.random.key(1)
   fibers = sum(b * h * h for h in model.feature_sizes())
@@ -77,7 +77,7 @@ def main(_):
 
   # The train step donates its parameters: give it fresh copies each call.
   fresh = lambda: jax.tree.map(jnp.copy, (state.params, state.opt_states))
-  train_call = lambda: step(*fresh(), state.permutations, features, key)
+  train_call = lambda: step(*fresh(), state.permutations, features, key, np.float32(config.lr))
   figures = {
       "backbone": config.backbone, "image_size": s, "batch_size": b, "fiber_batch": config.fiber_batch,
       "encoder_dtype": config.encoder_dtype, "devices": [str(d) for d in jax.devices()],

