@@ -4,8 +4,8 @@ The frozen encoder is shared: each step encodes the K categories' image batches 
 images, then one compiled, vmapped step trains the K sets of decoders on their own fibers. The categories
 advance in lockstep, so an epoch has as many image batches as the smallest category gives; a larger
 category sees a different random subset of its images every epoch (full batches only: `drop_last_batch`
-does not apply, since a stacked step needs the same batch shape for every category). No checkpoints are written: use `fit`
-per category for long, resumable runs.
+does not apply, since a stacked step needs the same batch shape for every category). No checkpoints are
+written: use `fit` per category for long, resumable runs.
 """
 
 import time

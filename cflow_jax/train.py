@@ -6,8 +6,9 @@ chunk loop of all layers is one compiled function (`make_train_batch`): a `lax.s
 per feature shape, so Python runs once per image batch rather than once per optimiser step.
 
 Each decoder has its own Adam state (PyTorch 2's behaviour for one optimiser over all decoders: a decoder
-that got no gradient this step does not move). The learning rate is an argument of each image batch's call,
-taken from the schedule in Python, so a shorter last batch neither recompiles the step nor shifts the schedule.
+that got no gradient this step does not move). The learning rate is an argument of each image batch's
+call, taken from the schedule in Python: a new rate does not recompile, and an epoch's shorter last batch
+(compiled once more, for its shape) does not shift the schedule.
 """
 
 import functools
