@@ -137,10 +137,10 @@ def load(workdir, encoder_variables=None) -> Detector:
     raise UserError(f"the encoder weights differ from those the run in {workdir} was trained with "
                     f"({meta['identity'].get('weights')})")
   like = train.init_state(model, jax.random.key(0))
-  state, meta = checkpoint.restore(workdir, like)
-  state = train.TrainState(*state)
-  return Detector(model, encoder_variables, state.params, state.permutations,
-                  Normalization(*state.normalization), meta.get("history", {}))
+  fields, meta = checkpoint.restore_fields(
+      workdir, {"params": like.params, "permutations": like.permutations, "normalization": like.normalization})
+  return Detector(model, encoder_variables, fields["params"], fields["permutations"],
+                  Normalization(*fields["normalization"]), meta.get("history", {}))
 
 
 def input_batches(config: Config, images, batch_size: int, **kwargs) -> Iterator[dict]:

@@ -49,15 +49,36 @@ def save(workdir, step: int, state, meta: dict):
 
 def restore(workdir, like_state, step: int | None = None):
   """Restores (state, meta) of `step` (default: the latest), shaped like `like_state`."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
+  restored = _restore(workdir, step, ocp.args.StandardRestore(abstract))
+  return restored["state"], restored["meta"]
+
+
+def restore_fields(workdir, like_fields: dict, step: int | None = None) -> tuple[dict, dict]:
+  """Restores only the named top-level fields of the saved state, e.g. {"params": ..., "permutations":
+  ...}, shaped like the given values: scoring a finished run needs neither its optimiser state nor that
+  state's layout to match this version's."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_fields)
+  args = ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                                partial_restore=True)
+  restored = _restore(workdir, step, args)
+  return dict(restored["state"]), restored["meta"]
+
+
+def _restore(workdir, step, state_args):
   with _manager(workdir) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise UserError(f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}: train first "
                       f"(python experiments/train.py --workdir={workdir})")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                             meta=ocp.args.JsonRestore()))
-  return restored["state"], restored["meta"]
+    try:
+      return manager.restore(step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
+    except ValueError as e:
+      if "tree structures do not match" not in str(e):
+        raise
+      raise UserError(f"the checkpoint in {workdir} (step {step}) holds a state laid out differently from "
+                      f"what this version of cflow_jax trains (written by another version?); start a new "
+                      f"--workdir. Orbax: {str(e).splitlines()[0]}") from None
 
 
 def read_meta(workdir, step: int | None = None) -> dict:

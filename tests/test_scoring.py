@@ -4,10 +4,11 @@ import dataclasses
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 import cflow_jax as cf
-from cflow_jax import anomaly_map, encoders
+from cflow_jax import anomaly_map, checkpoint, encoders, train
 from cflow_jax.anomaly_map import Normalization
 
 CONFIG = cf.Config(backbone="resnet18", image_size=64, coupling_blocks=2, fiber_batch=64, batch_size=8,
@@ -84,6 +85,22 @@ def test_scores_do_not_depend_on_other_images_and_survive_a_checkpoint(trained):
   np.testing.assert_array_equal(cf.score(restored, images, batch_size=8).scores, full.scores)
   np.testing.assert_array_equal(np.asarray(restored.normalization.layer_max),
                                 np.asarray(detector.normalization.layer_max))
+
+
+def test_a_finished_run_scores_whatever_its_optimiser_state_layout(trained, tmp_path):
+  """Scoring reads only decoders, permutations and normalisation; resuming needs the whole state and says
+  clearly when its layout differs (here: optax.adam's chained state, which older versions wrote)."""
+  detector, variables, workdir = trained
+  meta = checkpoint.read_meta(workdir)
+  old_adam = tuple(optax.adam(1e-3).init(p) for p in detector.params)
+  old_state = train.TrainState(detector.params, old_adam, detector.permutations, detector.normalization)
+  checkpoint.save(tmp_path, meta["epoch"], old_state, meta)
+  images = np.random.default_rng(3).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+  restored = cf.load(tmp_path, encoder_variables=variables)
+  np.testing.assert_array_equal(cf.score(restored, images).scores, cf.score(detector, images).scores)
+  like = train.init_state(detector.model, jax.random.key(0))
+  with pytest.raises(cf.UserError, match="laid out differently"):
+    checkpoint.restore(tmp_path, like)
 
 
 def test_evaluate_reports_every_metric_and_whole_set_normalisation_scores_are_map_maxima(trained):
