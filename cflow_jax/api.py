@@ -79,7 +79,7 @@ def fit(config: Config, train_set, *, encoder_variables=None, workdir=None, prog
   model, encoder_variables = create(config, encoder_variables)
   if config.epochs > 1 and hasattr(train_set, "resized"):
     # Decode and resize once, not every epoch.
-    train_set = train_set.resized(config.image_size, resample=config.resample)
+    train_set = resized(config, train_set)
   batch_size = min(config.batch_size, len(train_set))
   batches_per_epoch = (len(train_set) // batch_size if config.drop_last_batch
                        else -(-len(train_set) // batch_size))
@@ -137,15 +137,21 @@ def load(workdir, encoder_variables=None) -> Detector:
     raise UserError(f"the encoder weights differ from those the run in {workdir} was trained with "
                     f"({meta['identity'].get('weights')})")
   like = train.init_state(model, jax.random.key(0))
-  fields, meta = checkpoint.restore_fields(
-      workdir, {"params": like.params, "permutations": like.permutations, "normalization": like.normalization})
+  fields, meta = checkpoint.restore_fields(workdir, {"params": like.params, "permutations": like.permutations,
+                                                     "normalization": like.normalization})
   return Detector(model, encoder_variables, fields["params"], fields["permutations"],
                   Normalization(*fields["normalization"]), meta.get("history", {}))
 
 
 def input_batches(config: Config, images, batch_size: int, **kwargs) -> Iterator[dict]:
-  """The input pipeline's batches at the config's image size and resizing filter."""
-  return data.batches(images, batch_size, config.image_size, resample=config.resample, **kwargs)
+  """The input pipeline's batches at the config's image size, resizing filter and image dtype."""
+  return data.batches(images, batch_size, config.image_size, resample=config.resample,
+                      dtype=config.image_dtype, **kwargs)
+
+
+def resized(config: Config, images):
+  """An image set decoded and resized once, as the config's input pipeline resizes."""
+  return images.resized(config.image_size, resample=config.resample, dtype=config.image_dtype)
 
 
 def _as_batches(images, batch_size: int, config: Config) -> Iterator[dict]:

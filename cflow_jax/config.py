@@ -9,6 +9,7 @@ import json
 
 BACKBONES = ("wide_resnet50_2", "resnet18", "resnet34", "vgg16_hed")
 RESAMPLE = ("lanczos", "bilinear")
+IMAGE_DTYPES = ("uint8", "float32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +27,9 @@ class Config:
   # The filter that resizes images to image_size: "lanczos" is O's (PIL's ANTIALIAS); "bilinear" is
   # anomalib's (torchvision's antialiased Resize), smoother where small images are enlarged.
   resample: str = "lanczos"
+  # "uint8" rounds resized images to whole levels, as O's PIL pipeline does (a quarter of the memory);
+  # "float32" keeps them unrounded, as anomalib's torchvision pipeline does.
+  image_dtype: str = "uint8"
 
   # --- Decoder: one conditional flow per tapped layer (SPEC section 3) ---
   condition_dim: int = 128  # P, the positional code's length
@@ -59,6 +63,7 @@ class Config:
     _check_choice("backbone", self.backbone, BACKBONES)
     _check_choice("padding", self.padding, ("zeros", "reflect"))
     _check_choice("resample", self.resample, RESAMPLE)
+    _check_choice("image_dtype", self.image_dtype, IMAGE_DTYPES)
     _check_choice("encoder_dtype", self.encoder_dtype, ("float32", "bfloat16"))
     _check_choice("permutation", self.permutation, ("hard", "soft"))
     _check_choice("schedule", self.schedule, ("cosine", "constant"))

@@ -37,7 +37,7 @@ def fit_many(config: Config, train_sets: dict, *, encoder_variables=None, progre
   if not names:
     raise UserError("fit_many needs at least one training set")
   model, encoder_variables = api.create(config, encoder_variables)
-  train_sets = {n: s.resized(config.image_size, resample=config.resample) for n, s in train_sets.items()}
+  train_sets = {n: api.resized(config, s) for n, s in train_sets.items()}
   batch_size = min(config.batch_size, *(len(s) for s in train_sets.values()))
   batches_per_epoch = min(len(s) for s in train_sets.values()) // batch_size
   if batches_per_epoch == 0:

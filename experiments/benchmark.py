@@ -71,7 +71,7 @@ def main(argv):
   root = pathlib.Path(FLAGS.workdir or pathlib.Path("runs") / FLAGS.dataset)
   results = {}
   for category in categories:
-    train_set, test_set = common.load_splits(category, config.image_size, config.resample)
+    train_set, test_set = common.load_splits(category, config)
     workdir = root / train_set.category / config.backbone
     results[train_set.category] = common.train_and_evaluate(config, train_set, test_set, workdir,
                                                             FLAGS.num_pictures)

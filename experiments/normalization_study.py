@@ -100,16 +100,15 @@ def main(argv=None):
   cache = Path(args.workdir) / "normalization_study.npz"
   detector = cf.load(args.workdir)
   size = detector.config.image_size
-  resample = detector.config.resample
-  test_set = cf.data.load(args.dataset, "test", args.category, args.data_dir).resized(size, resample=resample)
+  test_set = cf.api.resized(detector.config, cf.data.load(args.dataset, "test", args.category, args.data_dir))
   layers = range(len(detector.params))
   stored = dict(np.load(cache)) if cache.exists() else {}
   if "test0" not in stored:
     stored.update({f"test{i}": l for i, l in enumerate(
         layer_log_probs(detector, test_set, args.batch_size, "test log p"))})
   if args.quantiles and "train0" not in stored:
-    train_set = cf.data.load(args.dataset, "train", args.category, args.data_dir).resized(
-        size, resample=resample)
+    train_set = cf.api.resized(detector.config,
+                               cf.data.load(args.dataset, "train", args.category, args.data_dir))
     stored.update({f"train{i}": l for i, l in enumerate(
         layer_log_probs(detector, train_set, args.batch_size, "train log p"))})
   np.savez(cache, **stored)

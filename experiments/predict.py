@@ -46,12 +46,13 @@ def image_paths(arguments) -> list[pathlib.Path]:
   return paths
 
 
-def read_resized(path: pathlib.Path, image_size: int, resample: str = "lanczos") -> np.ndarray:
-  """(S, S, 3) uint8 RGB, read and resized as the training images were (a UserError if unreadable)."""
+def read_resized(path: pathlib.Path, config) -> np.ndarray:
+  """(S, S, 3) RGB, read and resized as the training images were (a UserError if unreadable)."""
   encoded, size = files.read_image(path)
   with Image.open(io.BytesIO(encoded)) as image:
     rgb = np.asarray(image.convert("RGB"))
-  return preprocess({"image": rgb, "mask": np.zeros(size, np.uint8)}, image_size, 0.0, resample)["image"]
+  return preprocess({"image": rgb, "mask": np.zeros(size, np.uint8)}, config.image_size, 0.0, config.resample,
+                    config.image_dtype)["image"]
 
 
 def default_threshold(workdir: pathlib.Path) -> float | None:
@@ -67,12 +68,11 @@ def main(argv):
     raise UserError(f"no trained run in {workdir} (no checkpoints/): train one with "
                     f"python experiments/train.py --workdir={workdir}")
   detector = api.load(workdir)
-  size = detector.config.image_size
 
   images, names = [], []
   for path in image_paths(argv[1:]):
     try:
-      images.append(read_resized(path, size, detector.config.resample))
+      images.append(read_resized(path, detector.config))
       names.append(path)
     except UserError as error:
       print(f"skipped {path}: {common.one_line(error)}")

@@ -30,7 +30,7 @@ def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {' '.join(argv[1:])}: flags take the form --name=value")
   config = common.config_from_flags()
-  train_set, test_set = common.load_splits(FLAGS.category, config.image_size, config.resample)
+  train_set, test_set = common.load_splits(FLAGS.category, config)
   workdir = FLAGS.workdir or pathlib.Path("runs", FLAGS.dataset, train_set.category, config.backbone)
   common.train_and_evaluate(config, train_set, test_set, workdir, FLAGS.num_pictures)
 

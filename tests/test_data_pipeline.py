@@ -87,6 +87,32 @@ def test_resample_picks_the_filter_and_resized_sets_remember_it():
   np.testing.assert_array_equal(images.resized(32)[0]["image"], lanczos)
 
 
+def test_float32_images_are_the_same_resize_unrounded():
+  """float32 keeps what uint8 rounds: within half a level of it, yet between levels; rotation and batches
+  keep the dtype, and resized sets remember it."""
+  ramp = np.tile(np.linspace(0, 90, 7).round().astype(np.uint8)[None, :, None], (7, 1, 3))  # a small gradient
+  example = dict(image=ramp, mask=np.zeros((7, 7), np.uint8), label=0, defect="good", filename="r.png")
+  exact = {}
+  for resample in ("lanczos", "bilinear"):
+    rounded = input_pipeline.preprocess(example, 32, resample=resample)["image"]
+    exact[resample] = input_pipeline.preprocess(example, 32, resample=resample, dtype="float32")["image"]
+    levels = exact[resample] * 255
+    assert exact[resample].dtype == np.float32 and levels.shape == rounded.shape
+    assert np.abs(np.clip(levels, 0, 255) - rounded).max() <= 0.5 + 1e-3  # uint8 also clips lanczos' ringing
+    assert np.mean(np.abs(levels - np.round(levels)) > 0.05) > 0.5, "most pixels fall between levels"
+  same_size = input_pipeline.preprocess(example, 7, dtype="float32")["image"]
+  np.testing.assert_array_equal(same_size, ramp / np.float32(255))
+  turned = input_pipeline.preprocess(example, 32, angle=10.0, dtype="float32")["image"]
+  assert turned.dtype == np.float32 and np.abs(np.clip(turned * 255, 0, 255) - input_pipeline.preprocess(
+      example, 32, angle=10.0)["image"]).max() <= 1.5  # rounded twice (resize, rotation) in uint8
+  images = data.ImageSet([example] * 3, name="t", category="c", split="train", has_masks=False)
+  held = images.resized(32, dtype="float32")
+  assert held.resized(32, dtype="float32") is held and held.resized(32) is not held
+  (batch,) = data.batches(held, 3, 32, dtype="float32")
+  assert batch["image"].dtype == np.float32
+  np.testing.assert_array_equal(batch["image"][0], exact["lanczos"])
+
+
 class _Failing(list):
   def __getitem__(self, index):
     if index == 6:

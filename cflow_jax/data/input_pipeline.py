@@ -1,7 +1,8 @@
 """Batches of numpy arrays from an `ImageSet`: resized, maybe rotated, in a reproducible order, prefetched.
 
-Images stay uint8 RGB all the way to the device (a quarter of float32's transfer); the model subtracts its
-encoder's mean and divides by its std there. Decoding and resizing run on a small thread pool (PIL releases
+Images stay uint8 RGB all the way to the device (a quarter of float32's transfer) unless asked to stay
+unrounded after resizing (`dtype="float32"`, values in [0, 1]); the model subtracts its encoder's mean and
+divides by its std there. Decoding and resizing run on a small thread pool (PIL releases
 the GIL for both) and whole batches are assembled in a background thread, `prefetch` batches ahead.
 """
 
@@ -14,6 +15,8 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image
 
+from cflow_jax.config import IMAGE_DTYPES
+
 # Resizing filters by config name: O resizes with PIL's ANTIALIAS, which is Lanczos; anomalib with
 # torchvision's antialiased bilinear, which PIL's bilinear matches (PIL filters widen when shrinking).
 IMAGE_RESAMPLE = {"lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR}
@@ -25,10 +28,10 @@ DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 
 def batches(images, batch_size: int, image_size: int, *, seed: int | None = None, epoch: int = 0,
             rotation: float = 0.0, drop_remainder: bool = False, prefetch: int = 2,
-            workers: int | None = None, resample: str = "lanczos") -> Iterator[dict]:
+            workers: int | None = None, resample: str = "lanczos", dtype: str = "uint8") -> Iterator[dict]:
   """Yields dicts of one batch each:
-    image (B, S, S, 3) uint8 RGB, mask (B, S, S) uint8 0/1, label (B,) int32, defect and filename: lists
-    of B str.
+    image (B, S, S, 3) RGB, uint8 or float32 in [0, 1] as `dtype` says, mask (B, S, S) uint8 0/1,
+    label (B,) int32, defect and filename: lists of B str.
 
   seed None: file order, no augmentation. seed given: shuffled, and each image turned by an angle uniform in
   +-`rotation` degrees (corners filled black), both drawn from (seed, epoch) alone, so that a resumed run
@@ -45,7 +48,8 @@ def batches(images, batch_size: int, image_size: int, *, seed: int | None = None
 
   def batch(start):
     indices = order[start:start + batch_size]
-    examples = list(pool.map(lambda i: preprocess(images[i], image_size, angles[i], resample), indices))
+    examples = list(pool.map(lambda i: preprocess(images[i], image_size, angles[i], resample, dtype),
+                             indices))
     return dict(image=np.stack([e["image"] for e in examples]),
                 mask=np.stack([e["mask"] for e in examples]),
                 label=np.array([e["label"] for e in examples], np.int32),
@@ -68,16 +72,38 @@ def epoch_plan(count: int, seed: int | None, epoch: int, rotation: float) -> tup
   return order, angles
 
 
-def preprocess(example: dict, image_size: int, angle: float = 0.0, resample: str = "lanczos") -> dict:
-  """The example with image (S, S, 3) and mask (S, S) resized to S = image_size, then turned by `angle`."""
-  image, mask = example["image"], example["mask"]
+def preprocess(example: dict, image_size: int, angle: float = 0.0, resample: str = "lanczos",
+               dtype: str = "uint8") -> dict:
+  """The example with image (S, S, 3) and mask (S, S) resized to S = image_size, then turned by `angle`;
+  the image as `dtype` (see IMAGE_DTYPES)."""
+  image, mask = _as_dtype(example["image"], dtype), example["mask"]
   if image.shape[:2] != (image_size, image_size):
-    image = np.asarray(Image.fromarray(image).resize((image_size, image_size), IMAGE_RESAMPLE[resample]))
+    image = _pil(image, lambda im: im.resize((image_size, image_size), IMAGE_RESAMPLE[resample]))
     mask = np.asarray(Image.fromarray(mask).resize((image_size, image_size), Image.Resampling.NEAREST))
   if angle:
-    image = np.asarray(Image.fromarray(image).rotate(angle, ROTATE_RESAMPLE))
+    image = _pil(image, lambda im: im.rotate(angle, ROTATE_RESAMPLE))
     mask = np.asarray(Image.fromarray(mask).rotate(angle, Image.Resampling.NEAREST))
   return dict(example, image=image, mask=mask)
+
+
+def _as_dtype(image: np.ndarray, dtype: str) -> np.ndarray:
+  """uint8 rounds a resized image to whole levels, as PIL returns it (O's input); float32 keeps it
+  unrounded in [0, 1], as torchvision resizes float tensors (anomalib's input). Rounding an enlarged smooth
+  gradient leaves steps that edge-like features (HED's) respond to."""
+  if dtype not in IMAGE_DTYPES:
+    raise ValueError(f"dtype must be one of {IMAGE_DTYPES}, got {dtype!r}")
+  if dtype == "float32":
+    return image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+  return image if image.dtype == np.uint8 else np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
+
+
+def _pil(image: np.ndarray, op) -> np.ndarray:
+  """A PIL operation on an RGB image: uint8 as one RGB image, float32 channel by channel in PIL's 32-bit
+  float mode (same filters, no rounding)."""
+  if image.dtype == np.uint8:
+    return np.asarray(op(Image.fromarray(image)))
+  return np.stack([np.asarray(op(Image.fromarray(image[..., c], mode="F"))) for c in range(image.shape[-1])],
+                  axis=-1)
 
 
 class _Failure:
