@@ -152,9 +152,9 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
   """Trains the decoders; returns (state, history).
 
   Args:
-    train_batches: epoch -> iterable of uint8 image batches (B, S, S, 3), or of already encoded feature
-      tuples (cached features); a pure function of the epoch (same order and augmentation each time it
-      is asked), which is what makes resuming exact.
+    train_batches: epoch -> iterable of image batches (B, S, S, 3), uint8 or float32 in [0, 1], or of
+      already encoded feature tuples (cached features); a pure function of the epoch (same order and
+      augmentation each time it is asked), which is what makes resuming exact.
     batches_per_epoch: how many batches `train_batches` yields per epoch (the learning-rate schedule
       counts image batches); the last may be shorter than the others.
     workdir: if given, a checkpoint is written after every epoch and an existing one is resumed.

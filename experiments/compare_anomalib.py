@@ -4,8 +4,8 @@ Both sides get the same images, resized with the same filter and kept unrounded 
 float, the reference's; ours defaults to the original code's Lanczos, rounded to uint8), the same HED VGG16
 encoder, input size, fiber batch N, epochs, learning rate, batch size and seed, train on every image each
 epoch (a last, shorter batch included), and each runs in its own subprocess pinned to the same CPUs with
-the same thread settings; rounds alternate which side runs first. The table gives each side's accuracy and speed,
-and ours/anomalib ratios of throughput and peak memory.
+the same thread settings; rounds alternate which side runs first. The table gives each side's accuracy
+and speed, and ours/anomalib ratios of throughput and peak memory.
 
 Runs with our venv and never imports torch: the reference side runs under the torch venv
 (experiments/reference/anomalib_cflow.py), ours under this interpreter.
@@ -169,8 +169,8 @@ def run_ours(args, data_dir: Path, run_dir: Path) -> dict:
       sys.executable, "experiments/train.py", "--dataset=folder", f"--data_dir={data_dir}", f"--category={CATEGORY}",
       f"--backbone={args.backbone}", f"--image_size={args.image_size}", f"--fiber_batch={args.fiber_batch}",
       f"--epochs={args.epochs}", f"--lr={args.lr:g}", f"--batch_size={args.batch_size}", "--schedule=constant",
-      "--rotation=0", f"--resample={args.resample}", f"--image_dtype={args.image_dtype}", "--nodrop_remainder",
-      "--nodrop_last_batch", f"--seed={args.seed}", f"--workdir={run_dir}",
+      "--rotation=0", f"--resample={args.resample}", f"--image_dtype={args.image_dtype}",
+      "--nodrop_remainder", "--nodrop_last_batch", f"--seed={args.seed}", f"--workdir={run_dir}",
       *_subset_flags(args),
       *shlex.split(args.ours_extra),
   ]
@@ -371,7 +371,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--resample", default="bilinear", choices=("bilinear", "lanczos"),
                       help="our resizing filter; bilinear is what the reference's torchvision Resize does")
   parser.add_argument("--image_dtype", default="float32", choices=("float32", "uint8"),
-                      help="our resized images: float32 (unrounded) is what the reference's float Resize gives")
+                      help="our resized images: float32 (unrounded) is what the reference's Resize gives")
   parser.add_argument("--seeds", default=None, help="comma-separated seeds, one round each (overrides --rounds, --seed)")
   parser.add_argument("--combine", nargs="+", default=None, metavar="REPORT",
                       help="print the summary of the rounds of these reports together (runs nothing)")

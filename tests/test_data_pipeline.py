@@ -90,7 +90,7 @@ def test_resample_picks_the_filter_and_resized_sets_remember_it():
 def test_float32_images_are_the_same_resize_unrounded():
   """float32 keeps what uint8 rounds: within half a level of it, yet between levels; rotation and batches
   keep the dtype, and resized sets remember it."""
-  ramp = np.tile(np.linspace(0, 90, 7).round().astype(np.uint8)[None, :, None], (7, 1, 3))  # a small gradient
+  ramp = np.tile(np.linspace(0, 90, 7).round().astype(np.uint8)[None, :, None], (7, 1, 3))  # a gradient
   example = dict(image=ramp, mask=np.zeros((7, 7), np.uint8), label=0, defect="good", filename="r.png")
   exact = {}
   for resample in ("lanczos", "bilinear"):

@@ -138,7 +138,7 @@ def test_cached_features_train_like_encoding_every_epoch(trained):
 
 def test_keeping_the_last_short_batch_trains_on_every_image(trained):
   """anomalib's data loader ends an epoch with a shorter batch; the original drops it. 48 images in
-  batches of 10: 40 or 48 images a epoch, on the encoded and the cached-feature paths alike."""
+  batches of 10: 40 or 48 images an epoch, on the encoded and the cached-feature paths alike."""
   detector, variables, _ = trained
   config = dataclasses.replace(CONFIG, batch_size=10, sub_epochs=2, drop_last_batch=False)
   train_set = cf.data.load("demo", "train", "brick")

@@ -2,8 +2,8 @@
 
 Images stay uint8 RGB all the way to the device (a quarter of float32's transfer) unless asked to stay
 unrounded after resizing (`dtype="float32"`, values in [0, 1]); the model subtracts its encoder's mean and
-divides by its std there. Decoding and resizing run on a small thread pool (PIL releases
-the GIL for both) and whole batches are assembled in a background thread, `prefetch` batches ahead.
+divides by its std there. Decoding and resizing run on a small thread pool (PIL releases the GIL for both)
+and whole batches are assembled in a background thread, `prefetch` batches ahead.
 """
 
 import concurrent.futures
