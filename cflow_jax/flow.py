@@ -72,7 +72,9 @@ def coupling_block(block, permutation, condition, clamp):
   c1 = block["w1"].shape[0] - condition.shape[-1]
 
   def conditioner(x1):
-    h = jax.nn.relu(jnp.concatenate([x1, condition], axis=-1) @ block["w1"] + block["b1"])
+    # [x1, c] @ w1 as two matmuls: the condition is a constant, so the backward pass never forms its
+    # gradient, and a condition shared by several fibers (vmapped over them) is projected only once.
+    h = jax.nn.relu(x1 @ block["w1"][:c1] + condition @ block["w1"][c1:] + block["b1"])
     # The whole coefficient vector is scaled by 0.1 for a gentle start (FrEIA).
     s, t = jnp.split(0.1 * (h @ block["w2"] + block["b2"]), 2, axis=-1)
     return clamp * jnp.tanh(s), t
@@ -107,26 +109,35 @@ def _flow_one_fiber(params, permutations, x, condition, clamp, inverse):
   return out, log_det
 
 
+def _over_fibers(params, permutations, x, condition, clamp, inverse):
+  """The flow vmapped over fibers x (N, C) with conditions (N, P), or over x (N, K, C) whose K fibers
+  share one condition (N, P): an inner vmap leaves the condition unbatched, so its projection in every
+  block is computed once per condition instead of once per fiber."""
+  one = lambda x, c: _flow_one_fiber(params, permutations, x, c, clamp, inverse)
+  if x.ndim == 3:
+    return jax.vmap(jax.vmap(one, in_axes=(0, None)))(x, condition)
+  return jax.vmap(one)(x, condition)
+
+
 def forward(params, permutations, fibers, condition, clamp=1.9):
   """z = f(x | c) for a batch of fibers.
 
   Args:
-    fibers: (N, C) features; condition: (N, P) positional codes.
+    fibers: (N, C) features, or (N, K, C): K fibers for each condition (e.g. one position in K images).
+    condition: (N, P) positional codes.
   Returns:
-    z (N, C) and log|det df/dx| (N,).
+    z, shaped as `fibers`, and log|det df/dx|, (N,) or (N, K).
   """
-  run = jax.vmap(_flow_one_fiber, in_axes=(None, None, 0, 0, None, None))
-  return run(params, permutations, fibers, condition, clamp, False)
+  return _over_fibers(params, permutations, fibers, condition, clamp, False)
 
 
 def inverse(params, permutations, z, condition, clamp=1.9):
-  """x = f^-1(z | c); returns x (N, C) and log|det df^-1/dz| (N,)."""
-  run = jax.vmap(_flow_one_fiber, in_axes=(None, None, 0, 0, None, None))
-  return run(params, permutations, z, condition, clamp, True)
+  """x = f^-1(z | c), shaped as z ((N, C) or (N, K, C)), and log|det df^-1/dz|."""
+  return _over_fibers(params, permutations, z, condition, clamp, True)
 
 
 def log_prob(params, permutations, fibers, condition, clamp=1.9):
-  """log p(x | c) under a standard normal base, (N,): -C/2 ln 2pi - |z|^2 / 2 + log|det J|."""
+  """log p(x | c) under a standard normal base, (N,) or (N, K): -C/2 ln 2pi - |z|^2 / 2 + log|det J|."""
   z, log_det = forward(params, permutations, fibers, condition, clamp)
   channels = fibers.shape[-1]
   return channels * _LOG_NORMALIZER - 0.5 * jnp.sum(z * z, axis=-1) + log_det

@@ -72,6 +72,25 @@ def test_inverse_recovers_input(permutation, channels):
 
 
 @pytest.mark.parametrize("permutation", ["hard", "soft"])
+def test_fibers_sharing_a_condition_flow_as_if_each_had_its_own(permutation):
+  """(N, K, C) fibers with one condition per row of K (how scoring passes a batch, position by position)
+  give what (N * K, C) fibers with the condition repeated give, forwards and backwards."""
+  params, permutations = _perturbed_decoder(11, 8, permutation, seed=7)
+  x = jax.random.normal(jax.random.key(8), (5, 3, 11))
+  c = jax.random.normal(jax.random.key(9), (5, 8))
+  repeated = jnp.repeat(c, 3, axis=0)
+  z, log_det = forward(params, permutations, x, c)
+  z_each, log_det_each = forward(params, permutations, x.reshape(15, 11), repeated)
+  assert z.shape == x.shape and log_det.shape == (5, 3)
+  np.testing.assert_allclose(z.reshape(15, 11), z_each, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(log_det.reshape(15), log_det_each, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(log_prob(params, permutations, x, c).reshape(15),
+                             log_prob(params, permutations, x.reshape(15, 11), repeated), atol=1e-4, rtol=1e-5)
+  x_back, _ = inverse(params, permutations, z, c)
+  np.testing.assert_allclose(x_back, x, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("permutation", ["hard", "soft"])
 def test_log_det_equals_autodiff_jacobian(permutation):
   channels = 9
   params, permutations = _perturbed_decoder(channels, 8, permutation, seed=4)
