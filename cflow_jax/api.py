@@ -177,21 +177,24 @@ def score_batches(detector: Detector, images, batch_size: int | None = None,
     raise UserError("test_set normalisation needs all images at once: use score(), not score_batches()")
   batch_size = batch_size or config.batch_size
   mesh = sharding.data_mesh()
-  encoder_variables, params, permutations, normalization = sharding.replicate(
-      (detector.encoder_variables, detector.params, detector.permutations, detector.normalization), mesh)
-  fixed = normalization if mode == "train" else None
+  replicated = _replicated(detector, mesh)
+  fixed = sharding.replicate(detector.normalization, mesh) if mode == "train" else None
   for batch in _as_batches(images, batch_size, config):
     x, n = batch["image"], len(batch["image"])
     if fixed is not None and n < batch_size:
       # Pad a short last batch to the compiled shape; with fixed constants each image is scored alone.
       x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
-    log_probs = model_lib.image_log_probs(detector.model, encoder_variables, params, permutations,
-                                          sharding.shard_batch(x, mesh))
+    log_probs = model_lib.batch_log_probs(detector.model, replicated, x, mesh)
     maps, scores = _maps(log_probs, config.image_size, fixed)
     yield batch, np.asarray(scores)[:n], np.asarray(maps)[:n]
 
 
 _maps = jax.jit(anomaly_maps, static_argnums=1)
+
+
+def _replicated(detector: Detector, mesh):
+  """(encoder variables, decoders, permutations) on every device of the mesh, for `batch_log_probs`."""
+  return sharding.replicate((detector.encoder_variables, detector.params, detector.permutations), mesh)
 
 
 def score(detector: Detector, images, batch_size: int | None = None,
@@ -202,9 +205,9 @@ def score(detector: Detector, images, batch_size: int | None = None,
     parts = [(s, m) for _, s, m in score_batches(detector, images, batch_size, mode)]
     return Scores(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
   # The original's whole-set maxima: two passes over the small per-layer log-likelihoods.
-  config = detector.config
-  log_probs = [model_lib.image_log_probs(detector.model, detector.encoder_variables, detector.params,
-                                         detector.permutations, b["image"])
+  config, mesh = detector.config, sharding.data_mesh()
+  replicated = _replicated(detector, mesh)
+  log_probs = [model_lib.batch_log_probs(detector.model, replicated, b["image"], mesh)
                for b in _as_batches(images, batch_size or config.batch_size, config)]
   stacked = tuple(jnp.concatenate(layer) for layer in zip(*log_probs))
   maps, scores = _maps(stacked, config.image_size, None)

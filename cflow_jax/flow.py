@@ -191,12 +191,28 @@ def random_rotation(key, n):
   return q.at[:, 0].multiply(sign)
 
 
-def forward_flops(channels: int, condition_dim: int = 128, coupling_blocks: int = 8) -> int:
-  """Multiply-add FLOPs of one fiber's forward pass (the subnet matmuls; everything else is O(C)).
-  A training step costs about three times this (forward, and the backward's two matmuls per layer)."""
+def _matmul_flops(channels: int, condition_dim: int) -> tuple[int, int, int]:
+  """One block's subnet matmuls for one fiber, in FLOPs: the fiber's half and the condition's part of the
+  first Linear, and the second Linear."""
   c1, c2 = split_sizes(channels)
-  d_in = c1 + condition_dim
-  return coupling_blocks * 2 * (d_in * 2 * d_in + 2 * d_in * 2 * c2)
+  hidden = 2 * (c1 + condition_dim)
+  return 2 * c1 * hidden, 2 * condition_dim * hidden, 2 * hidden * 2 * c2
+
+
+def forward_flops(channels: int, condition_dim: int = 128, coupling_blocks: int = 8,
+                  fibers_per_condition: int = 1) -> float:
+  """FLOPs of one fiber's forward pass (the subnet matmuls; everything else is O(C)), where each
+  condition's projection is shared by `fibers_per_condition` fibers (scoring: the batch's images)."""
+  fibers, condition, second = _matmul_flops(channels, condition_dim)
+  return coupling_blocks * (fibers + condition / fibers_per_condition + second)
+
+
+def train_flops(channels: int, condition_dim: int = 128, coupling_blocks: int = 8) -> int:
+  """FLOPs of one fiber's training step: the forward pass, the weight gradients (as much again), and the
+  gradients of the hidden layer and of the fibers' half of each block's input (the condition is a constant;
+  the first block's input is the data)."""
+  fibers, condition, second = _matmul_flops(channels, condition_dim)
+  return coupling_blocks * (2 * (fibers + condition + second) + second) + (coupling_blocks - 1) * fibers
 
 
 def count_params(params) -> int:

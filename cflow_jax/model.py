@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from cflow_jax import encoders, flow
+from cflow_jax import encoders, flow, sharding
 from cflow_jax.config import Config
 from cflow_jax.positional import positional_encoding
 
@@ -58,9 +58,10 @@ _CPU_FIBER_BLOCK = 1024
 
 
 def _cache_blocked() -> bool:
-  """Whether to split batches for the cache. Accelerators want whole batches, and a batch sharded over
-  several devices must stay whole to stay split (a loop over a sharded axis would gather it)."""
-  return jax.default_backend() == "cpu" and jax.device_count() == 1
+  """Whether to split batches for the cache: on the CPU, where each device loops over its own images
+  (`sharding.per_device` keeps a batch split over several devices local to each); accelerators want whole
+  batches."""
+  return jax.default_backend() == "cpu"
 
 
 def _in_blocks(fn, x, c, block: int):
@@ -76,13 +77,21 @@ def _in_blocks(fn, x, c, block: int):
   return blocks if full == n else jnp.concatenate([blocks, fn(x[full:], c[full:])])
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def encode(model: Model, encoder_variables, images):
-  """uint8 RGB images (B, S, S, 3) -> tuple of feature maps (B, h, w, C), one per tap."""
+def _encode(model: Model, encoder_variables, images):
   extract = functools.partial(encoders.extract, model.encoder, model.spec, encoder_variables)
   if not _cache_blocked() or images.shape[0] == 1:
     return extract(images)
   return jax.lax.map(lambda image: tuple(f[0] for f in extract(image[None])), images)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="mesh")
+def encode(model: Model, encoder_variables, images, mesh=None):
+  """uint8 RGB images (B, S, S, 3) -> tuple of feature maps (B, h, w, C), one per tap.
+
+  With a `mesh`, the images split over its devices (`sharding.shard_batch`), each device encodes its own.
+  """
+  run = sharding.per_device(functools.partial(_encode, model), mesh, images.shape[0])
+  return run(encoder_variables, images)
 
 
 def fibers_and_condition(features, condition_dim):
@@ -117,7 +126,20 @@ def layer_log_probs(model: Model, params, permutations, features):
   return tuple(out)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def image_log_probs(model: Model, encoder_variables, params, permutations, images):
-  """uint8 images -> per-layer log p / C maps: the whole scoring forward pass, compiled once per batch shape."""
-  return layer_log_probs(model, params, permutations, encode(model, encoder_variables, images))
+@functools.partial(jax.jit, static_argnums=0, static_argnames="mesh")
+def image_log_probs(model: Model, encoder_variables, params, permutations, images, mesh=None):
+  """uint8 images -> per-layer log p / C maps: the whole scoring forward pass, compiled once per batch shape.
+
+  With a `mesh`, the images split over its devices and the rest replicated, each device scores its own.
+  """
+  def local(encoder_variables, params, permutations, images):
+    return layer_log_probs(model, params, permutations, _encode(model, encoder_variables, images))
+
+  run = sharding.per_device(local, mesh, images.shape[0])
+  return run(encoder_variables, params, permutations, images)
+
+
+def batch_log_probs(model: Model, replicated, images, mesh):
+  """`image_log_probs` of a host batch, split over the mesh; `replicated` = (encoder_variables, params,
+  permutations), placed on all of its devices by `sharding.replicate`."""
+  return image_log_probs(model, *replicated, sharding.shard_batch(images, mesh), mesh=mesh)

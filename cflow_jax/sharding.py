@@ -1,14 +1,22 @@
-"""Data parallelism with JAX's own runtime: one mesh axis over every device, parameters replicated.
+"""Where the work runs, with JAX's own runtime: data parallelism over a mesh, or decoders side by side.
 
-The same code runs on one CPU, eight GPUs or a TPU slice: image batches and fiber chunks are split along
-the "data" axis, decoder parameters and optimiser states are replicated, and XLA inserts the gradient
-all-reduce. On several hosts, call `jax.distributed.initialize()` first (the scripts' --distributed flag);
-each host then feeds its own slice of every image batch.
+Data parallelism (accelerators, several hosts): one mesh axis over every device, image batches and fiber
+chunks split along it, decoder parameters and optimiser states replicated; XLA inserts the gradient
+all-reduce. The same code runs on one CPU, eight GPUs or a TPU slice. On several hosts, call
+`jax.distributed.initialize()` first (the scripts' --distributed flag); each host then feeds its own slice
+of every image batch.
+
+Decoders side by side (one host's CPU split into several devices, `JAX_NUM_CPU_DEVICES` or the scripts'
+--cpu_devices): XLA runs one operation at a time per device, and the decoders' small matmuls (N rows) keep
+two cores barely busier than one. The decoders are independent, so each trains its whole chunk loop on
+a device of its own, the layers spread over the devices by cost, and the devices work concurrently.
 """
+
+from typing import NamedTuple, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 AXIS = "data"
 
@@ -46,3 +54,70 @@ def constrain_fibers(x, mesh: Mesh | None):
   if mesh is None or mesh.size == 1 or x.shape[0] % mesh.size:
     return x
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(AXIS)))
+
+
+def per_device(fn, mesh: Mesh | None, batch_size: int):
+  """fn(*replicated, batch), each device computing on its own slice of the batch (`shard_map`), so that
+  what fn does per image (a loop on the CPU, see `model.encode`) stays local to a device. fn itself for
+  one device, or a batch that does not divide over the devices (replicated, see `shard_batch`)."""
+  if mesh is None or mesh.size == 1 or batch_size % mesh.size:
+    return fn
+
+  def sharded(*args):
+    specs = (P(),) * (len(args) - 1) + (P(AXIS),)
+    # fn is purely per device (no collectives): nothing for the varying-axis checks to find.
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(AXIS), check_vma=False)(*args)
+
+  return sharded
+
+
+class Layout(NamedTuple):
+  """Where training runs.
+
+  mesh: the data mesh; with `decoders` None each step's fibers are split over it (data parallelism).
+  decoders: with the decoders side by side, the device of each decoder; else None.
+  encoder: the device that encodes image batches when the decoders are side by side.
+  """
+  mesh: Mesh
+  decoders: tuple | None = None
+  encoder: object = None
+
+  @property
+  def split_mesh(self) -> Mesh | None:
+    """The mesh that image batches and fiber chunks are split over (data parallelism), if any."""
+    return None if self.decoders is not None or self.mesh.size == 1 else self.mesh
+
+  def put_images(self, images):
+    if self.decoders is None:
+      return shard_batch(images, self.mesh)
+    return jax.device_put(images, self.encoder)
+
+  def put_decoder(self, layer: int, tree):
+    """A decoder's parameters, optimiser state or permutations, where it trains: replicated over the
+    mesh, or on its own device."""
+    if self.decoders is None:
+      return replicate(tree, self.mesh)
+    return jax.device_put(tree, self.decoders[layer])
+
+  def put_step_input(self, layer: int, tree):
+    """A layer's features and key for its step: as they are for data parallelism (the features come
+    split over the mesh from the encoder), else moved to the decoder's device."""
+    if self.decoders is None:
+      return tree
+    return jax.device_put(tree, self.decoders[layer])
+
+
+def train_layout(layer_costs: Sequence[float], mesh: Mesh | None = None) -> Layout:
+  """Decoders side by side when the mesh (default: all devices) is several CPU devices of one process,
+  the layers spread greedily, costliest first, over the least loaded device, and the encoder on the least
+  loaded device after that; data parallelism over the mesh otherwise (accelerators, several hosts, one
+  device)."""
+  mesh = data_mesh() if mesh is None else mesh
+  devices = list(mesh.devices.flat)
+  if len(devices) == 1 or jax.process_count() > 1 or any(d.platform != "cpu" for d in devices):
+    return Layout(mesh)
+  load, decoders = [0.0] * len(devices), [None] * len(layer_costs)
+  for layer in sorted(range(len(layer_costs)), key=lambda l: -layer_costs[l]):
+    i = int(np.argmin(load))
+    decoders[layer], load[i] = SingleDeviceSharding(devices[i]), load[i] + layer_costs[layer]
+  return Layout(mesh, tuple(decoders), SingleDeviceSharding(devices[int(np.argmin(load))]))

@@ -1,9 +1,11 @@
 """Training the decoders (SPEC section 4): fibers, chunks, optax Adam with the reference schedule.
 
 Per image batch the frozen encoder runs once; then, per tapped layer, all B*h*w fibers and their positional
-codes are shuffled jointly with an explicit key and cut into chunks of N, one Adam step per chunk. The whole
-chunk loop of all layers is one compiled function (`make_train_batch`): a `lax.scan` per layer, traced once
-per feature shape, so Python runs once per image batch rather than once per optimiser step.
+codes are shuffled jointly with an explicit key and cut into chunks of N, one Adam step per chunk. A layer's
+whole chunk loop is one compiled function (`make_train_layer`): a `lax.scan`, traced once per feature
+shape, so Python runs once per image batch and layer rather than once per optimiser step. The layers'
+loops are dispatched one after the other and run concurrently where their decoders sit on different
+devices (`sharding.train_layout`).
 
 Each decoder has its own Adam state (PyTorch 2's behaviour for one optimiser over all decoders: a decoder
 that got no gradient this step does not move). The learning rate is an argument of each image batch's
@@ -75,10 +77,11 @@ def _chunk_indices(key, n: int, config: Config):
   return order[:(k - 1) * size].reshape(k - 1, size), order[(k - 1) * size:]
 
 
-def train_batch_fn(model, mesh=None):
-  """The pure function train_batch(params, opt_states, permutations, features, key, lr)
-  -> (params, opt_states, losses), where `losses` holds, per layer, the loss of every chunk and `lr` is
-  this image batch's learning rate (a scalar, traced: a new value does not recompile).
+def train_layer_fn(model, mesh=None):
+  """The pure function train_layer(params, opt_state, permutations, features, key, lr)
+  -> (params, opt_state, losses): one decoder's chunk loop over one image batch's features (B, h, w, C) of
+  its layer; `losses` holds the loss of every chunk and `lr` is this image batch's learning rate (a
+  scalar, traced: a new value does not recompile).
 
   With a `mesh` of several devices each chunk's fibers are split over them (data parallelism; XLA
   all-reduces the gradients).
@@ -109,8 +112,21 @@ def train_batch_fn(model, mesh=None):
       losses = jnp.concatenate([losses, last_loss[None]])
     return params, opt_state, losses
 
+  return train_layer
+
+
+def layer_keys(key, layers: int):
+  """The shuffle key of each layer's fibers, from an image batch's key."""
+  return jax.random.split(key, layers)
+
+
+def train_batch_fn(model, mesh=None):
+  """The pure function train_batch(params, opt_states, permutations, features, key, lr)
+  -> (params, opt_states, losses): `train_layer_fn` for every layer, as one function (tuples over layers)."""
+  train_layer = train_layer_fn(model, mesh)
+
   def train_batch(params, opt_states, permutations, features, key, lr):
-    keys = jax.random.split(key, len(features))
+    keys = layer_keys(key, len(features))
     out = [train_layer(*args, lr) for args in zip(params, opt_states, permutations, features, keys)]
     return tuple(o[0] for o in out), tuple(o[1] for o in out), tuple(o[2] for o in out)
 
@@ -118,10 +134,32 @@ def train_batch_fn(model, mesh=None):
 
 
 @functools.lru_cache(maxsize=8)
-def make_train_batch(model, mesh=None):
-  """`train_batch_fn` jitted, with parameters and optimiser states donated. Cached, so runs with the same
-  config share one compilation per image-batch shape."""
-  return jax.jit(train_batch_fn(model, mesh), donate_argnums=(0, 1))
+def make_train_layer(model, mesh=None):
+  """`train_layer_fn` jitted, with parameters and optimiser state donated: compiled once per layer shape
+  (and device). Cached, so runs with the same config share the compilations."""
+  return jax.jit(train_layer_fn(model, mesh), donate_argnums=(0, 1))
+
+
+def train_batch(model, layout: sharding.Layout, params, opt_states, permutations, features, key, lr):
+  """One image batch for every decoder: (params, opt_states, losses), tuples over layers.
+
+  Each layer's step is dispatched where the layout puts its decoder and returns at once (JAX's
+  asynchronous dispatch), so decoders on different devices train concurrently; reading a result waits.
+  """
+  step = make_train_layer(model, layout.split_mesh)
+  out = []
+  for layer, (p, s, q, f, k) in enumerate(zip(params, opt_states, permutations, features,
+                                               layer_keys(key, len(features)))):
+    f, k = layout.put_step_input(layer, (f, k))
+    out.append(step(p, s, q, f, k, lr))
+  return tuple(o[0] for o in out), tuple(o[1] for o in out), tuple(o[2] for o in out)
+
+
+def layer_costs(model) -> tuple[float, ...]:
+  """Each decoder's share of a training step's work: fibers per image times FLOPs per fiber."""
+  config = model.config
+  return tuple(h * h * flow.train_flops(c, config.condition_dim, config.coupling_blocks)
+               for h, c in zip(model.feature_sizes(), model.channels))
 
 
 class TrainState(NamedTuple):
@@ -148,7 +186,8 @@ def batch_key(seed: int, epoch: int, batch: int):
 
 def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.ndarray]],
         batches_per_epoch: int, *, workdir=None, meta: dict | None = None,
-        progress: bool = True, log: Callable[[str], None] = print, mesh=None) -> tuple[TrainState, dict]:
+        progress: bool = True, log: Callable[[str], None] = print,
+        layout: sharding.Layout | None = None) -> tuple[TrainState, dict]:
   """Trains the decoders; returns (state, history).
 
   Args:
@@ -159,7 +198,9 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
       counts image batches); the last may be shorter than the others.
     workdir: if given, a checkpoint is written after every epoch and an existing one is resumed.
     meta: JSON-able identity saved with each checkpoint (encoder weights, dataset).
-    mesh: devices to train on, data-parallel (default: all of them, `sharding.data_mesh()`).
+    layout: where the work runs (default `sharding.train_layout`: the decoders side by side on a CPU split
+      into several devices, else data parallelism over all devices); `sharding.Layout(mesh)` is data
+      parallelism over that mesh.
   """
   config = model.config
   schedule = learning_rate(config, batches_per_epoch)
@@ -176,38 +217,62 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
     if start:
       log(f"resuming from the checkpoint after epoch {start} in {workdir}")
 
-  mesh = sharding.data_mesh() if mesh is None else mesh
-  state = sharding.replicate(state, mesh)
-  encoder_variables = sharding.replicate(encoder_variables, mesh)
-  train_batch = make_train_batch(model, mesh if mesh.size > 1 else None)
+  layout = sharding.train_layout(layer_costs(model)) if layout is None else layout
+  state = _place(state, layout)
+  if layout.decoders is None:
+    encoder_variables = sharding.replicate(encoder_variables, layout.mesh)
+  else:
+    encoder_variables = jax.device_put(encoder_variables, layout.encoder)
   bar = tqdm(total=config.epochs * batches_per_epoch, initial=start * batches_per_epoch,
              disable=not progress, unit="batch", dynamic_ncols=True)
   for epoch in range(start, config.epochs):
-    began, losses, fibers = time.perf_counter(), [], 0
+    began, losses, fibers, pending = time.perf_counter(), [], 0, None
     for b, images in enumerate(train_batches(epoch)):
       if isinstance(images, tuple):  # cached features
-        features = tuple(sharding.shard_batch(f, mesh) for f in images)
+        features = tuple(layout.put_images(f) for f in images)
       else:
-        features = model_lib.encode(model, encoder_variables, sharding.shard_batch(images, mesh))
+        features = model_lib.encode(model, encoder_variables, layout.put_images(images),
+                                    mesh=layout.split_mesh)
       lr = np.float32(schedule(epoch * batches_per_epoch + b))
-      params, opt_states, layer_losses = train_batch(state.params, state.opt_states, state.permutations,
-                                                      features, batch_key(config.seed, epoch, b), lr)
+      params, opt_states, layer_losses = train_batch(model, layout, state.params, state.opt_states,
+                                                     state.permutations, features,
+                                                     batch_key(config.seed, epoch, b), lr)
       state = state._replace(params=params, opt_states=opt_states)
-      layer_losses = [np.asarray(l) for l in layer_losses]
-      _check_finite(layer_losses, model, epoch, b, workdir)
-      losses.append(float(np.mean([l.mean() for l in layer_losses])))
-      fibers += sum(f.shape[0] * f.shape[1] * f.shape[2] for f in features)
-      elapsed = max(time.perf_counter() - began, 1e-9)
-      bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}",
-                      fibers_s=f"{fibers / elapsed:,.0f}")
+      # Wait for the previous batch only now: with this batch already queued, the devices do not idle
+      # on Python between batches.
+      if pending is not None:
+        fibers += _finish(pending, losses, model, epoch, workdir)
+        bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}",
+                        fibers_s=f"{fibers / max(time.perf_counter() - began, 1e-9):,.0f}")
+      pending = (b, layer_losses, sum(f.shape[0] * f.shape[1] * f.shape[2] for f in features))
       bar.update()
+    if pending is not None:
+      fibers += _finish(pending, losses, model, epoch, workdir)
     history["epoch_loss"].append(float(np.mean(losses)) if losses else float("nan"))
     history["epoch_seconds"].append(time.perf_counter() - began)
     history["fibers_per_epoch"] = fibers
     if workdir is not None:
       checkpoint.save(workdir, epoch + 1, state, _meta(config, meta, epoch + 1, history))
   bar.close()
-  return state, history
+  # Scoring splits image batches over the data mesh, with every decoder on all of its devices.
+  return sharding.replicate(state, layout.mesh), history
+
+
+def _place(state: TrainState, layout: sharding.Layout) -> TrainState:
+  """Each decoder's parameters, optimiser state and permutations where the layout trains it."""
+  per_layer = lambda trees: tuple(layout.put_decoder(l, t) for l, t in enumerate(trees))
+  return TrainState(per_layer(state.params), per_layer(state.opt_states), per_layer(state.permutations),
+                    sharding.replicate(state.normalization, layout.mesh))
+
+
+def _finish(pending, losses: list, model, epoch, workdir) -> int:
+  """Waits for a dispatched image batch (index, per-layer losses, fibers), appends its mean loss to
+  `losses` and returns its fiber count; stops the run if any loss is not finite."""
+  batch, layer_losses, fibers = pending
+  layer_losses = [np.asarray(l) for l in layer_losses]
+  _check_finite(layer_losses, model, epoch, batch, workdir)
+  losses.append(float(np.mean([l.mean() for l in layer_losses])))
+  return fibers
 
 
 def _meta(config, meta, epoch, history, normalized=False):
@@ -234,12 +299,14 @@ def _check_finite(layer_losses, model, epoch, batch, workdir):
           f"layer {model.spec.taps[layer]}; {kept}. Try a lower --lr or check the input data.")
 
 
-def fit_normalization(model, encoder_variables, params, permutations,
-                      batches: Iterable[np.ndarray]) -> Normalization:
+def fit_normalization(model, encoder_variables, params, permutations, batches: Iterable[np.ndarray],
+                      mesh=None) -> Normalization:
   """Fixed normalisation constants from (training) images: per-layer max of log p / C and the max of the
-  likelihood map, so that later scores do not depend on which images are scored together."""
-  log_probs = [model_lib.image_log_probs(model, encoder_variables, params, permutations, images)
-               for images in batches]
+  likelihood map, so that later scores do not depend on which images are scored together. The batches
+  are split over the `mesh` (default: all devices)."""
+  mesh = sharding.data_mesh() if mesh is None else mesh
+  replicated = sharding.replicate((encoder_variables, params, permutations), mesh)
+  log_probs = [model_lib.batch_log_probs(model, replicated, images, mesh) for images in batches]
   layer_max = jnp.max(jnp.stack([batch_layer_max(lp) for lp in log_probs]), axis=0)
   map_max = max(float(jnp.max(likelihood_map(lp, layer_max, model.config.image_size)))
                 for lp in log_probs)

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from cflow_jax import api, encoders, flow, model as model_lib, train
+import common
+from cflow_jax import api, encoders, flow, model as model_lib, sharding, train
 from cflow_jax.anomaly_map import Normalization, anomaly_maps
 from cflow_jax.config import Config
 
@@ -30,6 +31,8 @@ flags.DEFINE_enum("encoder_dtype", "float32", ["float32", "bfloat16"], "Encoder 
 flags.DEFINE_bool("random_weights", False, "Random encoder weights (speed only; no download needed).")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (the best is kept).")
 flags.DEFINE_string("out", None, "Write the figures to this JSON file.")
+flags.DEFINE_integer("cpu_devices", None, "JAX devices to split the CPU into (as in train.py): the decoders "
+                     "then train side by side. Default: one per tapped layer, at most one per core.")
 FLAGS = flags.FLAGS
 
 
@@ -64,41 +67,49 @@ def main(_):
   else:
     variables = api.create(config)[1]
   b, s = config.batch_size, config.image_size
-  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (b, s, s, 3), dtype=np.uint8))
+  images = np.random.default_rng(0).integers(0, 256, (b, s, s, 3), dtype=np.uint8)
+  layout = sharding.train_layout(train.layer_costs(model))
+  mesh = layout.mesh
   state = train.init_state(model, jax.random.key(0))
-  step = train.make_train_batch(model)
-  features = model_lib.encode(model, variables, images)
+  encoder_variables = (sharding.replicate(variables, mesh) if layout.decoders is None
+                       else jax.device_put(variables, layout.encoder))
+  encode = lambda: model_lib.encode(model, encoder_variables, layout.put_images(images), mesh=layout.split_mesh)
+  features = encode()
   key = jax.random.key(1)
   fibers = sum(b * h * h for h in model.feature_sizes())
   steps = sum(train.chunks_per_batch(b * h * h, config) for h in model.feature_sizes())
-  fixed = Normalization(jnp.zeros(len(model.channels)), jnp.asarray(len(model.channels), jnp.float32))
-  score = jax.jit(lambda v, p, q, x: anomaly_maps(
-      model_lib.layer_log_probs(model, p, q, model_lib.encode(model, v, x)), s, fixed))
+  fixed = sharding.replicate(
+      Normalization(jnp.zeros(len(model.channels)), jnp.asarray(len(model.channels), jnp.float32)), mesh)
+  replicated = sharding.replicate((variables, state.params, state.permutations), mesh)
+  maps = jax.jit(anomaly_maps, static_argnums=1)
+  score = lambda: maps(model_lib.batch_log_probs(model, replicated, images, mesh), s, fixed)
 
-  # The train step donates its parameters: give it fresh copies each call.
-  fresh = lambda: jax.tree.map(jnp.copy, (state.params, state.opt_states))
-  train_call = lambda: step(*fresh(), state.permutations, features, key, np.float32(config.lr))
+  # The train step donates its parameters: give it freshly placed copies each call.
+  fresh = lambda: train._place(jax.tree.map(jnp.copy, state), layout)
+  train_call = lambda: train.train_batch(model, layout, *fresh()[:3], features, key, np.float32(config.lr))
   figures = {
       "backbone": config.backbone, "image_size": s, "batch_size": b, "fiber_batch": config.fiber_batch,
       "encoder_dtype": config.encoder_dtype, "devices": [str(d) for d in jax.devices()],
+      "decoder_devices": (["all, data parallel"] if layout.decoders is None
+                          else [str(d.device_set.pop()) for d in layout.decoders]),
       "matmul_f32_gflops": matmul_rate(jnp.float32, FLAGS.repeats) / 1e9,
       "matmul_bf16_gflops": matmul_rate(jnp.bfloat16, FLAGS.repeats) / 1e9,
   }
   copy_seconds = best_time(fresh, FLAGS.repeats)
-  encode_seconds = best_time(lambda: model_lib.encode(model, variables, images), FLAGS.repeats)
+  encode_seconds = best_time(encode, FLAGS.repeats)
   train_seconds = best_time(train_call, FLAGS.repeats) - copy_seconds
-  score_seconds = best_time(lambda: score(variables, state.params, state.permutations, images),
-                            FLAGS.repeats)
+  score_seconds = best_time(score, FLAGS.repeats)
   # The encoder's own function on the whole batch: on one CPU `model_lib.encode` loops over the images, and
   # XLA would count the loop's body (one image) once.
   extract = jax.jit(lambda v, x: encoders.extract(model.encoder, model.spec, v, x))
   encode_flops = flops_of(extract, variables, images)
-  decoder_flops = sum(b * h * h * flow.forward_flops(c, config.condition_dim, config.coupling_blocks)
+  # Scoring projects each position's condition once per batch (model.layer_log_probs).
+  decoder_flops = sum(b * h * h * flow.forward_flops(c, config.condition_dim, config.coupling_blocks, b)
                       for h, c in zip(model.feature_sizes(), model.channels))
-  steps_fibers = sum(train.chunks_per_batch(b * h * h, config) * min(config.fiber_batch, b * h * h)
-                     * flow.forward_flops(c, config.condition_dim, config.coupling_blocks)
-                     for h, c in zip(model.feature_sizes(), model.channels))
-  train_flops = 3 * steps_fibers  # fibers actually trained (the remainder is dropped), forward + backward
+  # The fibers actually trained (the remainder is dropped).
+  train_flops = sum(train.chunks_per_batch(b * h * h, config) * min(config.fiber_batch, b * h * h)
+                    * flow.train_flops(c, config.condition_dim, config.coupling_blocks)
+                    for h, c in zip(model.feature_sizes(), model.channels))
   score_flops = encode_flops + decoder_flops
   figures.update({
       "fibers_per_batch": fibers, "optimizer_steps_per_batch": steps,
@@ -124,4 +135,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(lambda argv: main(common.split_cpu(FLAGS.cpu_devices)))

