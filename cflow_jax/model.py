@@ -51,9 +51,9 @@ def init_decoders(model: Model, key):
   return tuple(d[0] for d in decoders), tuple(d[1] for d in decoders)
 
 
-# On one CPU device, the encoder runs image by image and the flows about this many fibers at a time (whole
-# positions of the batch): the working set then stays in cache, and scoring runs ~1.4x faster than on whole
-# batches (experiments/bench_speed.py).
+# On the CPU, each device runs the encoder image by image and the flows about this many fibers at a time
+# (whole positions of its batch): the working set then stays in cache, and scoring runs ~1.4x faster than
+# on whole batches (experiments/bench_speed.py).
 _CPU_FIBER_BLOCK = 1024
 
 
@@ -108,8 +108,8 @@ def layer_log_probs(model: Model, params, permutations, features):
 
   Dividing by C puts layers of different widths on one scale, as both references do before scoring.
   The flows see the fibers position by position, (h*w, B, C): the B fibers at one position share its
-  condition, whose part of the work is then done once per position, not once per image (20% of the flows'
-  FLOPs with vgg16_hed).
+  condition, whose part of the work is then done once per position, not once per image (up to 20% of the
+  flows' FLOPs with vgg16_hed).
   """
   out = []
   condition_dim = model.config.condition_dim

@@ -1,70 +1,78 @@
-"""Convolution speed on this machine: XLA's convolution against im2col + matmul, float32 against bfloat16
-(float32 accumulation), on three 3x3 layers shaped like VGG16's at 256 px input.
+"""The encoder's convolutions on this machine: XLA's direct convolution against Winograd's F(2x2, 3x3)
+(`cflow_jax/winograd.py`), float32, and XLA's in bfloat16 (float32 accumulation); then whole encoders with
+Winograd from each channel threshold up (`encoders.WINOGRAD_CHANNELS`).
 
     python experiments/bench_conv.py
 
-It answers whether the encoder could run faster in another form or precision: GFLOP/s of each variant
-(best of 3) and its largest error relative to the float32 convolution.
+Layers shaped like VGG16's at 256 px, one image (the CPU path encodes image by image). Variants alternate
+within each repetition and the median is kept, so a busy or noisy machine affects all alike. Prints
+GFLOP/s of the direct convolution's FLOPs (Winograd does fewer) and the largest error relative to the
+float32 direct convolution; then images/s of each encoder.
 """
 
+import functools
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-LAYERS = ((4, 256, 64, 64), (8, 64, 256, 256), (8, 32, 512, 512))  # batch, size, in, out channels
-NHWC = ("NHWC", "HWIO", "NHWC")
+from cflow_jax import encoders, model as model_lib, winograd
+from cflow_jax.config import Config
+
+LAYERS = ((256, 64, 64), (128, 128, 128), (64, 256, 256), (32, 512, 512), (16, 512, 512))  # size, in, out
+THRESHOLDS = {"direct": 10 ** 9, "winograd from 256": 256, "winograd from 128": 128, "winograd from 64": 64}
 
 
-def conv(x, kernel, dtype):
-  return lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (1, 1), ((1, 1), (1, 1)),
-                                  dimension_numbers=NHWC, preferred_element_type=jnp.float32)
+def direct(x, kernel, dtype=jnp.float32):
+  return lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (1, 1), "VALID",
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
 
 
-def patches_matmul(x, kernel, dtype):
-  """im2col with XLA's patch extraction (features ordered channel-major), then one matmul."""
-  kh, kw, c, o = kernel.shape
-  patches = lax.conv_general_dilated_patches(x.astype(dtype), (kh, kw), (1, 1), ((1, 1), (1, 1)),
-                                             dimension_numbers=NHWC)
-  weights = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(c * kh * kw, o).astype(dtype)
-  return jnp.dot(patches, weights, preferred_element_type=jnp.float32)
-
-
-def shifted_matmul(x, kernel, dtype):
-  """im2col as nine shifted slices concatenated along channels, then one matmul."""
-  kh, kw, c, o = kernel.shape
-  padded = jnp.pad(x.astype(dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
-  h, w = x.shape[1:3]
-  patches = jnp.concatenate([padded[:, i:i + h, j:j + w] for i in range(kh) for j in range(kw)], axis=-1)
-  return jnp.dot(patches, kernel.reshape(kh * kw * c, o).astype(dtype), preferred_element_type=jnp.float32)
-
-
-def best_seconds(fn, *args, repeats=3):
-  fn(*args).block_until_ready()
-  times = []
+def medians(fns: dict, repeats: int) -> dict:
+  """Median seconds of each zero-argument function, the functions alternating in every repetition."""
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
   for _ in range(repeats):
-    began = time.perf_counter()
-    fn(*args).block_until_ready()
-    times.append(time.perf_counter() - began)
-  return min(times)
+    for name, fn in fns.items():
+      began = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - began)
+  return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def main():
+def layers():
   key_x, key_k = jax.random.split(jax.random.key(0))
-  for b, s, c, o in LAYERS:
-    x = jax.random.normal(key_x, (b, s, s, c))
+  for s, c, o in LAYERS:
+    x = jax.random.normal(key_x, (1, s + 2, s + 2, c))
     kernel = jax.random.normal(key_k, (3, 3, c, o)) / (3 * c ** 0.5)
-    flops = 2 * b * s * s * c * o * 9
-    reference = conv(x, kernel, jnp.float32)
-    for name, fn in (("conv", conv), ("im2col", patches_matmul), ("slices", shifted_matmul)):
-      for dtype in (jnp.float32, jnp.bfloat16):
-        jitted = jax.jit(fn, static_argnums=2)
-        error = float(jnp.max(jnp.abs(jitted(x, kernel, dtype) - reference)) / jnp.max(jnp.abs(reference)))
-        seconds = best_seconds(jitted, x, kernel, dtype)
-        print(f"{b}x{s}x{s}x{c}->{o}  {name:7s} {jnp.dtype(dtype).name:9s} {flops / seconds / 1e9:7.1f} GFLOP/s"
-              f"  max rel. error {error:.1e}", flush=True)
+    variants = {"direct f32": (jax.jit(direct), ()), "direct bf16": (jax.jit(direct, static_argnums=2), (jnp.bfloat16,)),
+                "winograd f32": (jax.jit(winograd.conv3x3_valid), ())}
+    reference = direct(x, kernel)
+    flops = 2 * s * s * c * o * 9
+    seconds = medians({n: functools.partial(f, x, kernel, *a) for n, (f, a) in variants.items()}, 9)
+    for name, (f, a) in variants.items():
+      error = float(jnp.max(jnp.abs(f(x, kernel, *a) - reference)) / jnp.max(jnp.abs(reference)))
+      print(f"{s}x{s}x{c}->{o}  {name:13s} {flops / seconds[name] / 1e9:7.1f} GFLOP/s  max rel. error {error:.1e}",
+            flush=True)
+
+
+def whole_encoders(batch=4):
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, 256, 256, 3), dtype=np.uint8))
+  for backbone in ("vgg16_hed", "wide_resnet50_2"):
+    model = model_lib.build(Config(backbone=backbone, image_size=256))
+    variables = encoders.init_variables(model.encoder, jax.random.key(0), 256)
+    compiled = {}
+    for name, channels in THRESHOLDS.items():
+      encoders.WINOGRAD_CHANNELS = channels  # read while tracing
+      compiled[name] = jax.jit(functools.partial(model_lib._encode, model)).lower(variables, images).compile()
+    seconds = medians({n: functools.partial(f, variables, images) for n, f in compiled.items()}, 7)
+    print(f"{backbone} at 256 px, images/s: " + ", ".join(f"{n} {batch / t:.2f}" for n, t in seconds.items()),
+          flush=True)
 
 
 if __name__ == "__main__":
-  main()
+  layers()
+  whole_encoders()

@@ -1,0 +1,44 @@
+"""Winograd's F(2x2, 3x3) equals the direct convolution, alone and inside the encoders."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cflow_jax import encoders, winograd
+
+
+def _direct_valid(x, kernel):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      precision=jax.lax.Precision.HIGHEST)
+
+
+@pytest.mark.parametrize("height,width,channels,features", [(10, 10, 8, 16), (9, 12, 5, 3), (7, 7, 32, 8),
+                                                             (3, 3, 4, 4)])
+def test_equals_direct_convolution(height, width, channels, features):
+  """Even and odd outputs (odd ones are computed on one more row or column of zeros and cropped)."""
+  x = jax.random.normal(jax.random.key(0), (2, height, width, channels))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, channels, features))
+  ours = jax.jit(winograd.conv3x3_valid)(x, kernel)
+  reference = _direct_valid(x, kernel)
+  assert ours.shape == reference.shape == (2, height - 2, width - 2, features)
+  np.testing.assert_allclose(ours, reference, atol=1e-5 * float(jnp.max(jnp.abs(reference))), rtol=0)
+
+
+@pytest.mark.parametrize("padding", ["zeros", "reflect"])
+def test_encoder_features_are_the_same_with_and_without_winograd(padding, monkeypatch):
+  """ResNet-18 at 64 px: layer3/layer4's 3x3 convolutions (256 and 512 channels) take Winograd's path on
+  the CPU; forcing the direct path everywhere changes the taps by float rounding only."""
+  module, spec = encoders.create_encoder("resnet18", padding=padding)
+  variables = encoders.init_variables(module, jax.random.key(0), 64)
+  images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+  extract = lambda: jax.jit(lambda v, x: encoders.extract(module, spec, v, x))(variables, images)
+  with_winograd = extract()
+  calls = []
+  monkeypatch.setattr(winograd, "conv3x3_valid", lambda *a: calls.append(1) or _direct_valid(*a))
+  extract()
+  assert calls, "no convolution took the Winograd path"
+  monkeypatch.setattr(encoders, "WINOGRAD_CHANNELS", 10 ** 9)
+  direct = extract()
+  for a, b in zip(with_winograd, direct):
+    np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.max(jnp.abs(b))), rtol=0)
