@@ -100,8 +100,8 @@ class Layout(NamedTuple):
     return jax.device_put(tree, self.decoders[layer])
 
   def put_step_input(self, layer: int, tree):
-    """A layer's features and key for its step: as they are for data parallelism (the features come
-    split over the mesh from the encoder), else moved to the decoder's device."""
+    """A layer's features for its step: as they are for data parallelism (split over the mesh by the
+    encoder), else moved to the decoder's device."""
     if self.decoders is None:
       return tree
     return jax.device_put(tree, self.decoders[layer])

@@ -135,23 +135,34 @@ def train_batch_fn(model, mesh=None):
 
 @functools.lru_cache(maxsize=8)
 def make_train_layer(model, mesh=None):
-  """`train_layer_fn` jitted, with parameters and optimiser state donated: compiled once per layer shape
-  (and device). Cached, so runs with the same config share the compilations."""
-  return jax.jit(train_layer_fn(model, mesh), donate_argnums=(0, 1))
+  """`train_layer_fn` jitted, with parameters and optimiser state donated and the key passed as its raw
+  data (see `layer_key_data`): compiled once per layer shape (and device). Cached, so runs with the same
+  config share the compilations."""
+  train_layer = train_layer_fn(model, mesh)
+
+  def from_key_data(params, opt_state, permutations, features, key_data, lr):
+    return train_layer(params, opt_state, permutations, features, jax.random.wrap_key_data(key_data), lr)
+
+  return jax.jit(from_key_data, donate_argnums=(0, 1))
 
 
-def train_batch(model, layout: sharding.Layout, params, opt_states, permutations, features, key, lr):
-  """One image batch for every decoder: (params, opt_states, losses), tuples over layers.
+def layer_key_data(key, layers: int) -> np.ndarray:
+  """`layer_keys` as host data, (layers, 2) uint32. A key made on a device is a computation queued there
+  behind whatever that device is doing; host data goes straight to the device that needs it."""
+  return np.asarray(jax.random.key_data(layer_keys(key, layers)))
+
+
+def train_batch(model, layout: sharding.Layout, params, opt_states, permutations, features, key_data, lr):
+  """One image batch for every decoder: (params, opt_states, losses), tuples over layers; `key_data` from
+  `layer_key_data`, `lr` a host float.
 
   Each layer's step is dispatched where the layout puts its decoder and returns at once (JAX's
   asynchronous dispatch), so decoders on different devices train concurrently; reading a result waits.
   """
   step = make_train_layer(model, layout.split_mesh)
   out = []
-  for layer, (p, s, q, f, k) in enumerate(zip(params, opt_states, permutations, features,
-                                               layer_keys(key, len(features)))):
-    f, k = layout.put_step_input(layer, (f, k))
-    out.append(step(p, s, q, f, k, lr))
+  for layer, (p, s, q, f, k) in enumerate(zip(params, opt_states, permutations, features, key_data)):
+    out.append(step(p, s, q, layout.put_step_input(layer, f), k, lr))
   return tuple(o[0] for o in out), tuple(o[1] for o in out), tuple(o[2] for o in out)
 
 
@@ -225,18 +236,21 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
     encoder_variables = jax.device_put(encoder_variables, layout.encoder)
   bar = tqdm(total=config.epochs * batches_per_epoch, initial=start * batches_per_epoch,
              disable=not progress, unit="batch", dynamic_ncols=True)
+  layers = len(model.channels)
   for epoch in range(start, config.epochs):
     began, losses, fibers, pending = time.perf_counter(), [], 0, None
+    # Every batch's keys and learning rate on the host, made while the devices are idle: made later on a
+    # device, they would wait there behind the previous batch's steps and hold back the other devices.
+    steps = [(layer_key_data(batch_key(config.seed, epoch, b), layers),
+              np.float32(schedule(epoch * batches_per_epoch + b))) for b in range(batches_per_epoch)]
     for b, images in enumerate(train_batches(epoch)):
       if isinstance(images, tuple):  # cached features
         features = tuple(layout.put_images(f) for f in images)
       else:
         features = model_lib.encode(model, encoder_variables, layout.put_images(images),
                                     mesh=layout.split_mesh)
-      lr = np.float32(schedule(epoch * batches_per_epoch + b))
       params, opt_states, layer_losses = train_batch(model, layout, state.params, state.opt_states,
-                                                     state.permutations, features,
-                                                     batch_key(config.seed, epoch, b), lr)
+                                                     state.permutations, features, *steps[b])
       state = state._replace(params=params, opt_states=opt_states)
       # Wait for the previous batch only now: with this batch already queued, the devices do not idle
       # on Python between batches.

@@ -75,7 +75,7 @@ def main(_):
                        else jax.device_put(variables, layout.encoder))
   encode = lambda: model_lib.encode(model, encoder_variables, layout.put_images(images), mesh=layout.split_mesh)
   features = encode()
-  key = jax.random.key(1)
+  key_data = train.layer_key_data(jax.random.key(1), len(model.channels))
   fibers = sum(b * h * h for h in model.feature_sizes())
   steps = sum(train.chunks_per_batch(b * h * h, config) for h in model.feature_sizes())
   fixed = sharding.replicate(
@@ -86,7 +86,7 @@ def main(_):
 
   # The train step donates its parameters: give it freshly placed copies each call.
   fresh = lambda: train._place(jax.tree.map(jnp.copy, state), layout)
-  train_call = lambda: train.train_batch(model, layout, *fresh()[:3], features, key, np.float32(config.lr))
+  train_call = lambda: train.train_batch(model, layout, *fresh()[:3], features, key_data, np.float32(config.lr))
   figures = {
       "backbone": config.backbone, "image_size": s, "batch_size": b, "fiber_batch": config.fiber_batch,
       "encoder_dtype": config.encoder_dtype, "devices": [str(d) for d in jax.devices()],

@@ -83,7 +83,7 @@ def test_train_step_compiles_once_and_same_seed_gives_same_parameters(encoder_va
   state = train._place(train.init_state(model, jax.random.key(0)), layout)
   features = model_lib.encode(model, encoder_variables, layout.put_images(IMAGES[:4]))
   _, _, losses = train.train_batch(model, layout, state.params, state.opt_states, state.permutations,
-                                   features, jax.random.key(1), np.float32(1e-3))
+                                   features, train.layer_key_data(jax.random.key(1), 3), np.float32(1e-3))
   assert [l.shape for l in losses] == [(8,), (2,), (1,)]  # 4*8*8/32, 4*4*4/32, max(4*2*2/32, 1)
   assert step._cache_size() == 3
 
