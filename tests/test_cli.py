@@ -29,18 +29,6 @@ TIMING = ("train_seconds", "train_fibers_per_s", "train_images_per_s", "score_se
           "peak_rss_mb")
 
 
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """One JAX compilation cache for the module's processes: each re-run compiles the same scoring steps."""
-  cache = tmp_path_factory.mktemp("jax_cache")
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setenv("JAX_COMPILATION_CACHE_DIR", str(cache))
-    patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    yield
-
-
 def run(script, *args):
   return subprocess.run([sys.executable, str(REPO / "experiments" / script), *map(str, args)], cwd=REPO,
                         capture_output=True, text=True, timeout=900)

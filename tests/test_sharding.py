@@ -51,8 +51,8 @@ SCRIPT = textwrap.dedent("""
     detector = cf.api.Detector(model, variables, single.params, single.permutations,
                                train.fit_normalization(model, variables, single.params, single.permutations,
                                                        [images[:8]], sharding.data_mesh(jax.devices()[:1])))
-    split = cf.score(detector, images[:16], batch_size=8)  # each of the 8 devices scores one image
-    alone = [cf.score(detector, images[i:i + 1], batch_size=1) for i in range(16)]  # 1 image: replicated
+    split = cf.score(detector, images[:8], batch_size=8)  # each of the 8 devices scores one image
+    alone = [cf.score(detector, images[i:i + 1], batch_size=1) for i in range(8)]  # 1 image: replicated
     np.testing.assert_allclose(split.scores, np.concatenate([a.scores for a in alone]), rtol=1e-5)
     np.testing.assert_allclose(split.maps, np.concatenate([a.maps for a in alone]), rtol=1e-5, atol=1e-6)
     print("scores split over devices equal scores one image at a time")
@@ -60,7 +60,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_training_and_scoring_over_devices_match_a_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                           timeout=600)
   assert result.returncode == 0, result.stdout + result.stderr
