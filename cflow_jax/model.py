@@ -141,5 +141,13 @@ def image_log_probs(model: Model, encoder_variables, params, permutations, image
 
 def batch_log_probs(model: Model, replicated, images, mesh):
   """`image_log_probs` of a host batch, split over the mesh; `replicated` = (encoder_variables, params,
-  permutations), placed on all of its devices by `sharding.replicate`."""
-  return image_log_probs(model, *replicated, sharding.shard_batch(images, mesh), mesh=mesh)
+  permutations), placed on all of its devices by `sharding.replicate`.
+
+  On a CPU split into several devices the result is gathered onto the first device. Each of them works
+  through its own queue there, at its own pace; a maximum over a batch split across them is a collective,
+  and one that waits more than 40 s for the slowest queue aborts the process (XLA:CPU's rendezvous
+  timeout, hit after minutes of scoring). A copy to one device just waits."""
+  log_probs = image_log_probs(model, *replicated, sharding.shard_batch(images, mesh), mesh=mesh)
+  if _cache_blocked() and mesh.size > 1:
+    log_probs = jax.device_put(log_probs, mesh.devices.flat[0])
+  return log_probs

@@ -56,6 +56,12 @@ SCRIPT = textwrap.dedent("""
     np.testing.assert_allclose(split.scores, np.concatenate([a.scores for a in alone]), rtol=1e-5)
     np.testing.assert_allclose(split.maps, np.concatenate([a.maps for a in alone]), rtol=1e-5, atol=1e-6)
     print("scores split over devices equal scores one image at a time")
+    # On the split CPU, log-likelihoods come back on one device: batch maxima are then no collectives
+    # waiting on eight independent queues.
+    mesh = sharding.data_mesh()
+    replicated = sharding.replicate((variables, single.params, single.permutations), mesh)
+    assert all(len(lp.sharding.device_set) == 1
+               for lp in model_lib.batch_log_probs(model, replicated, images[:8], mesh))
 """)
 
 
