@@ -178,7 +178,7 @@ def score_batches(detector: Detector, images, batch_size: int | None = None,
   batch_size = batch_size or config.batch_size
   mesh = sharding.data_mesh()
   replicated = _replicated(detector, mesh)
-  fixed = sharding.replicate(detector.normalization, mesh) if mode == "train" else None
+  fixed = model_lib.beside_log_probs(detector.normalization, mesh) if mode == "train" else None
   for batch in _as_batches(images, batch_size, config):
     x, n = batch["image"], len(batch["image"])
     if fixed is not None and n < batch_size:

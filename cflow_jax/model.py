@@ -148,6 +148,14 @@ def batch_log_probs(model: Model, replicated, images, mesh):
   and one that waits more than 40 s for the slowest queue aborts the process (XLA:CPU's rendezvous
   timeout, hit after minutes of scoring). A copy to one device just waits."""
   log_probs = image_log_probs(model, *replicated, sharding.shard_batch(images, mesh), mesh=mesh)
-  if _cache_blocked() and mesh.size > 1:
-    log_probs = jax.device_put(log_probs, mesh.devices.flat[0])
-  return log_probs
+  return jax.device_put(log_probs, mesh.devices.flat[0]) if _gathered(mesh) else log_probs
+
+
+def _gathered(mesh) -> bool:
+  return _cache_blocked() and mesh.size > 1
+
+
+def beside_log_probs(tree, mesh):
+  """`tree` (normalisation constants) placed where `batch_log_probs` leaves its results: on their one
+  device on a split CPU, else replicated over the mesh."""
+  return jax.device_put(tree, mesh.devices.flat[0]) if _gathered(mesh) else sharding.replicate(tree, mesh)

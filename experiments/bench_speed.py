@@ -78,7 +78,7 @@ def main(_):
   key_data = train.layer_key_data(jax.random.key(1), len(model.channels))
   fibers = sum(b * h * h for h in model.feature_sizes())
   steps = sum(train.chunks_per_batch(b * h * h, config) for h in model.feature_sizes())
-  fixed = sharding.replicate(
+  fixed = model_lib.beside_log_probs(
       Normalization(jnp.zeros(len(model.channels)), jnp.asarray(len(model.channels), jnp.float32)), mesh)
   replicated = sharding.replicate((variables, state.params, state.permutations), mesh)
   maps = jax.jit(anomaly_maps, static_argnums=1)
