@@ -14,6 +14,7 @@ from typing import Iterator, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from cflow_jax import checkpoint, data, metrics, model as model_lib, sharding, train, weights
 from cflow_jax.anomaly_map import Normalization, anomaly_maps
@@ -96,9 +97,10 @@ def fit(config: Config, train_set, *, encoder_variables=None, workdir=None, prog
   state, history = train.fit(model, encoder_variables, train_batches, batches_per_epoch, workdir=workdir,
                              meta=identity, progress=progress, log=log)
   began = time.perf_counter()
+  batches = input_batches(config, train_set, config.batch_size)
   normalization = train.fit_normalization(
       model, encoder_variables, state.params, state.permutations,
-      (b["image"] for b in input_batches(config, train_set, config.batch_size)))
+      (b["image"] for b in _bar(batches, train_set, config.batch_size, "normalisation", progress)))
   history["normalization_seconds"] = time.perf_counter() - began
   state = state._replace(normalization=normalization)
   if workdir is not None:
@@ -166,11 +168,19 @@ def _as_batches(images, batch_size: int, config: Config) -> Iterator[dict]:
     yield from input_batches(config, images, batch_size)
 
 
+def _bar(batches, images, batch_size: int, desc: str, enabled: bool):
+  """`batches` of `images` behind a progress bar (on stderr), or as they are when not `enabled`."""
+  if not enabled:
+    return batches
+  return tqdm(batches, total=-(-len(images) // batch_size), desc=desc, unit="batch", dynamic_ncols=True)
+
+
 def score_batches(detector: Detector, images, batch_size: int | None = None,
-                  normalization: str | None = None) -> Iterator[tuple[dict, np.ndarray, np.ndarray]]:
+                  normalization: str | None = None,
+                  progress: bool = False) -> Iterator[tuple[dict, np.ndarray, np.ndarray]]:
   """Streams (batch, scores (B,), maps (B, S, S)) so that a large set never sits in memory at full
   resolution. `normalization` ("train", "batch"; default: the config's) picks where the maxima come from;
-  "test_set" needs every image first: use `score`."""
+  "test_set" needs every image first: use `score`. `progress` shows a progress bar."""
   config = detector.config
   mode = normalization or config.normalization
   if mode == "test_set":
@@ -179,7 +189,7 @@ def score_batches(detector: Detector, images, batch_size: int | None = None,
   mesh = sharding.data_mesh()
   replicated = _replicated(detector, mesh)
   fixed = model_lib.beside_log_probs(detector.normalization, mesh) if mode == "train" else None
-  for batch in _as_batches(images, batch_size, config):
+  for batch in _bar(_as_batches(images, batch_size, config), images, batch_size, "scoring", progress):
     x, n = batch["image"], len(batch["image"])
     if fixed is not None and n < batch_size:
       # Pad a short last batch to the compiled shape; with fixed constants each image is scored alone.
@@ -198,35 +208,37 @@ def _replicated(detector: Detector, mesh):
 
 
 def score(detector: Detector, images, batch_size: int | None = None,
-          normalization: str | None = None) -> Scores:
+          normalization: str | None = None, progress: bool = False) -> Scores:
   """Image scores and anomaly maps for a set of images (an image set or uint8 (N, S, S, 3))."""
   mode = normalization or detector.config.normalization
   if mode != "test_set":
-    parts = [(s, m) for _, s, m in score_batches(detector, images, batch_size, mode)]
+    parts = [(s, m) for _, s, m in score_batches(detector, images, batch_size, mode, progress)]
     return Scores(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
   # The original's whole-set maxima: two passes over the small per-layer log-likelihoods.
   config, mesh = detector.config, sharding.data_mesh()
   replicated = _replicated(detector, mesh)
-  log_probs = [model_lib.batch_log_probs(detector.model, replicated, b["image"], mesh)
-               for b in _as_batches(images, batch_size or config.batch_size, config)]
+  batch_size = batch_size or config.batch_size
+  batches = _bar(_as_batches(images, batch_size, config), images, batch_size, "scoring", progress)
+  log_probs = [model_lib.batch_log_probs(detector.model, replicated, b["image"], mesh) for b in batches]
   stacked = tuple(jnp.concatenate(layer) for layer in zip(*log_probs))
   maps, scores = _maps(stacked, config.image_size, None)
   return Scores(np.asarray(scores), np.asarray(maps))
 
 
 def evaluate(detector: Detector, test_set, batch_size: int | None = None,
-             normalization: str | None = None) -> Evaluation:
-  """Scores a labelled test set and computes every metric (image and, where masks exist, pixel level)."""
+             normalization: str | None = None, progress: bool = False) -> Evaluation:
+  """Scores a labelled test set and computes every metric (image and, where masks exist, pixel level).
+  `progress` shows a progress bar over the scoring."""
   labels, masks, names, parts = [], [], [], []
   mode = normalization or detector.config.normalization
   began = time.perf_counter()
   if mode == "test_set":
-    result = score(detector, test_set, batch_size, mode)
+    result = score(detector, test_set, batch_size, mode, progress)
     for batch in input_batches(detector.config, test_set, batch_size or detector.config.batch_size):
       labels.append(batch["label"]), masks.append(batch["mask"]), names.extend(batch["filename"])
     scores, maps = result
   else:
-    for batch, s, m in score_batches(detector, test_set, batch_size, mode):
+    for batch, s, m in score_batches(detector, test_set, batch_size, mode, progress):
       labels.append(batch["label"]), masks.append(batch["mask"]), names.extend(batch["filename"])
       parts.append((s, m))
     scores, maps = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

@@ -320,7 +320,13 @@ def fit_normalization(model, encoder_variables, params, permutations, batches: I
   are split over the `mesh` (default: all devices)."""
   mesh = sharding.data_mesh() if mesh is None else mesh
   replicated = sharding.replicate((encoder_variables, params, permutations), mesh)
-  log_probs = [model_lib.batch_log_probs(model, replicated, images, mesh) for images in batches]
+  log_probs = []
+  for images in batches:
+    log_probs.append(model_lib.batch_log_probs(model, replicated, images, mesh))
+    if len(log_probs) > 1:
+      # One batch in flight at a time: a progress bar over `batches` then counts finished work, and the
+      # device still never waits for the host.
+      jax.block_until_ready(log_probs[-2])
   layer_max = jnp.max(jnp.stack([batch_layer_max(lp) for lp in log_probs]), axis=0)
   map_max = max(float(jnp.max(likelihood_map(lp, layer_max, model.config.image_size)))
                 for lp in log_probs)

@@ -194,7 +194,7 @@ def train_and_evaluate(config: Config, train_set, test_set, workdir, num_picture
     detector = api.load(workdir)
   else:
     detector = api.fit(config, train_set, workdir=workdir)
-  evaluation = api.evaluate(detector, test_set, normalization=config.normalization)
+  evaluation = api.evaluate(detector, test_set, normalization=config.normalization, progress=True)
   metrics = dict(evaluation.metrics)
   score_seconds, score_rate = metrics.pop("score_seconds"), metrics.pop("score_images_per_s")
 

@@ -18,11 +18,11 @@ that subset (first N train images; N test images evenly spaced over (class, name
 same images whatever their own subset flags do; the flags are forwarded as well.
 
 Quick check (a few minutes on 2 cores):
-  /work/venv/bin/python experiments/compare_anomalib.py --max_train=16 --max_test=16 --image_size=64
+  .venv/bin/python experiments/compare_anomalib.py --max_train=16 --max_test=16 --image_size=64
 Several seeds (one round each; the accuracy is then also given as mean +- standard deviation), or the
 rounds of reports made separately, one per seed, summarised together:
-  /work/venv/bin/python experiments/compare_anomalib.py --seeds=0,1,2
-  /work/venv/bin/python experiments/compare_anomalib.py --combine seed42/compare_anomalib.json seed0/compare_anomalib.json
+  .venv/bin/python experiments/compare_anomalib.py --seeds=0,1,2
+  .venv/bin/python experiments/compare_anomalib.py --combine seed42/compare_anomalib.json seed0/compare_anomalib.json
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ compared on exactly the same likelihoods:
   batch_shuffled  the same over batches of the test images in a random order: a score that moves
                   between `batch` and this depends on which images share its batch
 
-  /work/venv/bin/python experiments/normalization_study.py --workdir=RUN --dataset=folder \
+  .venv/bin/python experiments/normalization_study.py --workdir=RUN --dataset=folder \
       --data_dir=DATA --category=magnetic_tile [--quantiles 0.99 0.999]
 
 The per-layer log-likelihoods are cached in <workdir>/normalization_study.npz, the figures written to

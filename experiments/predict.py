@@ -78,7 +78,7 @@ def main(argv):
       print(f"skipped {path}: {common.one_line(error)}")
   if not images:
     raise UserError("none of the arguments is a readable image")
-  scores, maps = api.score(detector, np.stack(images), FLAGS.batch_size)
+  scores, maps = api.score(detector, np.stack(images), FLAGS.batch_size, progress=True)
 
   out_dir = pathlib.Path(FLAGS.out_dir) if FLAGS.out_dir else workdir / "predictions"
   out_dir.mkdir(parents=True, exist_ok=True)

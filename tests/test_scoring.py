@@ -103,10 +103,16 @@ def test_a_finished_run_scores_whatever_its_optimiser_state_layout(trained, tmp_
     checkpoint.restore(tmp_path, like)
 
 
-def test_evaluate_reports_every_metric_and_whole_set_normalisation_scores_are_map_maxima(trained):
+def test_evaluate_reports_every_metric_and_whole_set_normalisation_scores_are_map_maxima(trained, capsys):
   detector, _, _ = trained
   test_set = cf.data.load("demo", "test", "brick")
   result = cf.evaluate(detector, test_set)
+  # The progress bar counts every batch and leaves the results as they are.
+  shown = cf.evaluate(detector, test_set, progress=True)
+  batches = -(-len(test_set) // CONFIG.batch_size)
+  err = capsys.readouterr().err
+  assert batches > 1 and "scoring: 100%" in err and f"{batches}/{batches}" in err
+  np.testing.assert_array_equal(shown.scores, result.scores)
   for key in ("image_auroc", "pixel_auroc", "image_f1", "pixel_f1", "aupro", "image_threshold"):
     assert 0.0 <= result.metrics[key] <= 1.0 or key.endswith("threshold"), key
   assert result.maps.shape == (len(test_set), 64, 64) and result.labels.sum() > 0
