@@ -234,7 +234,7 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
     encoder_variables = sharding.replicate(encoder_variables, layout.mesh)
   else:
     encoder_variables = jax.device_put(encoder_variables, layout.encoder)
-  bar = tqdm(total=config.epochs * batches_per_epoch, initial=start * batches_per_epoch,
+  bar = tqdm(total=config.epochs * batches_per_epoch, initial=start * batches_per_epoch, desc="training",
              disable=not progress, unit="batch", dynamic_ncols=True)
   layers = len(model.channels)
   for epoch in range(start, config.epochs):

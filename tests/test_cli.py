@@ -50,6 +50,8 @@ def runs(tmp_path_factory):
   result = run("train.py", *TINY, f"--workdir={root / 'brick' / 'vgg16_hed'}")
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
   assert "image AUROC" in result.stdout  # the summary
+  for bar in ("training", "normalisation", "scoring"):  # each long stage's progress bar ran to its end
+    assert f"{bar}: 100%" in result.stderr, bar
   return root
 
 
@@ -78,7 +80,7 @@ def test_rerun_of_a_finished_run_reevaluates_without_training(runs):
   result = run("train.py", *TINY, f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr[-4000:]
   assert "re-evaluating" in result.stdout
-  assert "batch/s" not in result.stderr  # no training progress bar
+  assert "training:" not in result.stderr and "scoring: 100%" in result.stderr  # scoring's bar alone
   after = json.loads((workdir / "metrics.json").read_text())
   assert after["timing"]["train_seconds"] == before["timing"]["train_seconds"]
   assert [after[k] for k in METRICS] == [before[k] for k in METRICS]
