@@ -1,4 +1,5 @@
-"""Training: schedule, parity with anomalib's loop, compile-once chunk loop, determinism, exact resume, divergence and config checks."""
+"""Training: schedule, parity with anomalib's loop, compile-once chunk loop, determinism, exact resume,
+divergence and config checks."""
 
 import dataclasses
 import math
