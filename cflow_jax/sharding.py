@@ -72,25 +72,22 @@ def per_device(fn, mesh: Mesh | None, batch_size: int):
 
 
 class Layout(NamedTuple):
-  """Where training runs.
+  """Where training runs. Image batches are always split over the whole mesh, each device encoding its
+  own share (`model.encode` with `mesh`).
 
   mesh: the data mesh; with `decoders` None each step's fibers are split over it (data parallelism).
   decoders: with the decoders side by side, the device of each decoder; else None.
-  encoder: the device that encodes image batches when the decoders are side by side.
   """
   mesh: Mesh
   decoders: tuple | None = None
-  encoder: object = None
 
   @property
   def split_mesh(self) -> Mesh | None:
-    """The mesh that image batches and fiber chunks are split over (data parallelism), if any."""
+    """The mesh that fiber chunks are split over (data parallelism), if any."""
     return None if self.decoders is not None or self.mesh.size == 1 else self.mesh
 
   def put_images(self, images):
-    if self.decoders is None:
-      return shard_batch(images, self.mesh)
-    return jax.device_put(images, self.encoder)
+    return shard_batch(images, self.mesh)
 
   def put_decoder(self, layer: int, tree):
     """A decoder's parameters, optimiser state or permutations, where it trains: replicated over the
@@ -109,9 +106,10 @@ class Layout(NamedTuple):
 
 def train_layout(layer_costs: Sequence[float], mesh: Mesh | None = None) -> Layout:
   """Decoders side by side when the mesh (default: all devices) is several CPU devices of one process,
-  the layers spread greedily, costliest first, over the least loaded device, and the encoder on the least
-  loaded device after that; data parallelism over the mesh otherwise (accelerators, several hosts, one
-  device)."""
+  the layers spread greedily, costliest first, over the least loaded device; data parallelism over the
+  mesh otherwise (accelerators, several hosts, one device). The encoder runs on every device either way:
+  on one device beside the decoders it would load that device with as much work again as a decoder (the
+  encoder's FLOPs per image are close to a decoder's), and the others would wait for it."""
   mesh = data_mesh() if mesh is None else mesh
   devices = list(mesh.devices.flat)
   if len(devices) == 1 or jax.process_count() > 1 or any(d.platform != "cpu" for d in devices):
@@ -120,4 +118,4 @@ def train_layout(layer_costs: Sequence[float], mesh: Mesh | None = None) -> Layo
   for layer in sorted(range(len(layer_costs)), key=lambda l: -layer_costs[l]):
     i = int(np.argmin(load))
     decoders[layer], load[i] = SingleDeviceSharding(devices[i]), load[i] + layer_costs[layer]
-  return Layout(mesh, tuple(decoders), SingleDeviceSharding(devices[int(np.argmin(load))]))
+  return Layout(mesh, tuple(decoders))

@@ -230,10 +230,7 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
 
   layout = sharding.train_layout(layer_costs(model)) if layout is None else layout
   state = _place(state, layout)
-  if layout.decoders is None:
-    encoder_variables = sharding.replicate(encoder_variables, layout.mesh)
-  else:
-    encoder_variables = jax.device_put(encoder_variables, layout.encoder)
+  encoder_variables = sharding.replicate(encoder_variables, layout.mesh)
   bar = tqdm(total=config.epochs * batches_per_epoch, initial=start * batches_per_epoch, desc="training",
              disable=not progress, unit="batch", dynamic_ncols=True)
   layers = len(model.channels)
@@ -247,8 +244,7 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
       if isinstance(images, tuple):  # cached features
         features = tuple(layout.put_images(f) for f in images)
       else:
-        features = model_lib.encode(model, encoder_variables, layout.put_images(images),
-                                    mesh=layout.split_mesh)
+        features = model_lib.encode(model, encoder_variables, layout.put_images(images), mesh=layout.mesh)
       params, opt_states, layer_losses = train_batch(model, layout, state.params, state.opt_states,
                                                      state.permutations, features, *steps[b])
       state = state._replace(params=params, opt_states=opt_states)
