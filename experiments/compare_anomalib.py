@@ -56,8 +56,8 @@ RESCORED = tuple(f"{metric}_{rule}" for rule in RULES for metric in ("image_auro
 SPEED = ("train_seconds", "train_fibers_per_s", "train_images_per_s", "score_images_per_s")
 MEMORY = ("peak_rss_mb", "child_peak_rss_mb")
 # What must agree for rounds of several reports to be summarised together.
-SETTINGS = ("backbone", "image_size", "fiber_batch", "epochs", "lr", "batch_size", "max_train", "max_test",
-            "resample", "image_dtype", "last_batch")
+SETTINGS = ("backbone", "image_size", "fiber_batch", "epochs", "lr", "ours_lr", "batch_size", "max_train",
+            "max_test", "resample", "image_dtype", "last_batch")
 RATIOS = ("train_fibers_per_s", "train_images_per_s", "score_images_per_s", "peak_rss_mb", "child_peak_rss_mb")
 
 
@@ -168,7 +168,8 @@ def run_ours(args, data_dir: Path, run_dir: Path) -> dict:
   cmd = [
       sys.executable, "experiments/train.py", "--dataset=folder", f"--data_dir={data_dir}", f"--category={CATEGORY}",
       f"--backbone={args.backbone}", f"--image_size={args.image_size}", f"--fiber_batch={args.fiber_batch}",
-      f"--epochs={args.epochs}", f"--lr={args.lr:g}", f"--batch_size={args.batch_size}", "--schedule=constant",
+      f"--epochs={args.epochs}", f"--lr={args.ours_lr or args.lr:g}", f"--batch_size={args.batch_size}",
+      "--schedule=constant",
       "--rotation=0", f"--resample={args.resample}", f"--image_dtype={args.image_dtype}",
       "--nodrop_remainder", "--nodrop_last_batch", f"--seed={args.seed}", f"--workdir={run_dir}",
       *_subset_flags(args),
@@ -366,6 +367,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--fiber_batch", type=int, default=64)
   parser.add_argument("--epochs", type=int, default=1)
   parser.add_argument("--lr", type=float, default=1e-4)
+  parser.add_argument("--ours_lr", type=float, default=None,
+                      help="our learning rate, if not --lr (e.g. 2e-4, the original's, against anomalib's 1e-4)")
   parser.add_argument("--batch_size", type=int, default=32, help="images per batch, both sides")
   parser.add_argument("--seed", type=int, default=42)
   parser.add_argument("--resample", default="bilinear", choices=("bilinear", "lanczos"),
