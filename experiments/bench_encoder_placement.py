@@ -8,8 +8,6 @@ placements alternating within one process. "one": the encoder on the device that
 least (the placement before the split); "split": each device encodes its share (`train.fit`'s now).
 """
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,13 +52,8 @@ def main(_):
   key_data = train.layer_key_data(jax.random.key(1), len(model.channels))
 
   def stream(name, batches):
-    params, opt_states, permutations = train._place(jax.tree.map(jnp.copy, state), layout)[:3]
-    began = time.perf_counter()
-    for _ in range(batches):
-      params, opt_states, losses = train.train_batch(model, layout, params, opt_states, permutations,
-                                                     encode[name](), key_data, np.float32(config.lr))
-    jax.block_until_ready((params, losses))
-    return (time.perf_counter() - began) / batches
+    placed = train._place(jax.tree.map(jnp.copy, state), layout)[:3]
+    return common.streamed_seconds(model, layout, placed, encode[name], key_data, config.lr, batches)
 
   names = ["one", "split"]
   for name in names:

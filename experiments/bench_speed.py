@@ -87,17 +87,8 @@ def main(_):
   fresh = lambda: train._place(jax.tree.map(jnp.copy, state), layout)
   train_call = lambda: train.train_batch(model, layout, *fresh()[:3], features, key_data, np.float32(config.lr))
 
-  def stream(batches=FLAGS.repeats):
-    """Image batches as `train.fit` runs them: each encoded, then its decoder steps, dispatched without
-    waiting, so the devices' queues overlap one batch's encoding with another's steps. Seconds per batch."""
-    params, opt_states, permutations = fresh()[:3]
-    began = time.perf_counter()
-    for _ in range(batches):
-      params, opt_states, losses = train.train_batch(model, layout, params, opt_states, permutations, encode(),
-                                                     key_data, np.float32(config.lr))
-    jax.block_until_ready((params, losses))
-    return (time.perf_counter() - began) / batches
-
+  stream = lambda: common.streamed_seconds(model, layout, fresh()[:3], encode, key_data, config.lr,
+                                           FLAGS.repeats)
   figures = {
       "backbone": config.backbone, "image_size": s, "batch_size": b, "fiber_batch": config.fiber_batch,
       "encoder_dtype": config.encoder_dtype, "devices": [str(d) for d in jax.devices()],

@@ -12,12 +12,13 @@ import os
 import pathlib
 import resource
 import sys
+import time
 
 import jax
 import numpy as np
 from absl import flags, logging
 
-from cflow_jax import api, checkpoint, data, encoders, metrics as metrics_lib, report
+from cflow_jax import api, checkpoint, data, encoders, metrics as metrics_lib, report, train
 from cflow_jax.config import BACKBONES, IMAGE_DTYPES, RESAMPLE, Config
 from cflow_jax.data.input_pipeline import preprocess
 from cflow_jax.errors import UserError
@@ -282,6 +283,19 @@ def one_line(message: str) -> str:
     if line:
       text += ("" if not text else " " if text.endswith((".", ":")) else "; ") + line
   return text
+
+
+def streamed_seconds(model, layout, placed, encode, key_data, lr, batches: int) -> float:
+  """Seconds per image batch run as `train.fit` runs them: each encoded (`encode()`), then its decoder
+  steps, dispatched without waiting, so that the devices' queues overlap one batch's encoding with another's
+  steps. `placed`: (params, opt_states, permutations) as `train._place` puts them (donated, used up)."""
+  params, opt_states, permutations = placed
+  began = time.perf_counter()
+  for _ in range(batches):
+    params, opt_states, losses = train.train_batch(model, layout, params, opt_states, permutations, encode(),
+                                                   key_data, np.float32(lr))
+  jax.block_until_ready((params, losses))
+  return (time.perf_counter() - began) / batches
 
 
 def split_cpu(devices: int | None):
