@@ -92,6 +92,8 @@ def train_layer_fn(model, mesh=None):
   def train_layer(params, opt_state, permutations, features, key, lr):
     fibers, condition = model_lib.fibers_and_condition(features, config.condition_dim)
     channels = fibers.shape[-1]
+    # The chunk loop carries every block's arrays separately (see flow.split_blocks).
+    permutations = flow.split_blocks(permutations)
 
     def loss_fn(p, idx):
       x = sharding.constrain_fibers(fibers[idx], mesh)
@@ -106,10 +108,11 @@ def train_layer_fn(model, mesh=None):
       return (optax.apply_updates(p, jax.tree.map(lambda u: -lr * u, updates)), s), loss
 
     main, last = _chunk_indices(key, fibers.shape[0], config)
-    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), main)
+    carry, losses = jax.lax.scan(step, flow.split_blocks((params, opt_state)), main)
     if last is not None:
-      (params, opt_state), last_loss = step((params, opt_state), last)
+      carry, last_loss = step(carry, last)
       losses = jnp.concatenate([losses, last_loss[None]])
+    params, opt_state = flow.stack_blocks(carry)
     return params, opt_state, losses
 
   return train_layer

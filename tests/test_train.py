@@ -114,8 +114,11 @@ def test_an_image_batch_step_is_adam_at_the_learning_rate_it_is_given(encoder_va
     moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                 for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(state.params[layer])))
     assert moved > lr / 2  # Adam's first step moves each weight by about lr
+    # 1% of a step: where a gradient is near Adam's eps, its first step g / (|g| + eps) magnifies float
+    # rounding (one weight in ~10^6 moved 0.2% of a step differently when XLA fused the blocks otherwise);
+    # a 10% different rate would miss by 10% of a step everywhere.
     for a, b in zip(jax.tree.leaves(params[layer]), jax.tree.leaves(expected)):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=lr * 1e-3)
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=lr * 1e-2)
 
 
 def test_an_image_batch_follows_anomalibs_training_loop(monkeypatch):
