@@ -2,7 +2,9 @@
 
 Per layer: exp(log p - max), upsampled bilinearly (align_corners=True, as the original code) to the input
 size; the layers are summed and the map is `map_max - sum`, so likely pixels score low. The image score is
-the map's maximum.
+the map's maximum. Optionally (`blur_sigma` > 0; neither reference does it) the map is smoothed with a
+Gaussian, as anomalib does for PaDiM and PatchCore: the blur is linear and separable, so it is folded into
+the upsampling matrices and costs nothing.
 
 Where the two maxima come from is the `normalization`:
   "train"    - constants fixed from the training images (`Normalization` below): an image's map and score
@@ -11,6 +13,7 @@ Where the two maxima come from is the `normalization`:
   "batch"    - maxima over each batch (anomalib): a map depends on its batch.
 """
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -38,19 +41,45 @@ def _interpolation_matrix(out_size: int, in_size: int) -> np.ndarray:
   return weights.astype(np.float32)
 
 
-def upsample(maps, size: int):
-  """Bilinear, align_corners=True: (B, h, w) -> (B, size, size), as two small matmuls."""
+def _blur_matrix(size: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
+  """(size, size) weights of a 1-D Gaussian blur with reflected borders (d c b a | a b c d | d c b a, as
+  scipy.ndimage's "reflect"), the kernel cut at `truncate` sigmas: every row sums to one."""
+  radius = int(truncate * sigma + 0.5)
+  offsets = np.arange(-radius, radius + 1)
+  kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
+  kernel /= kernel.sum()
+  weights = np.zeros((size, size), np.float64)
+  for i in range(size):
+    j = i + offsets
+    j = np.where(j < 0, -j - 1, j)
+    j = np.where(j >= size, 2 * size - j - 1, j)
+    np.add.at(weights[i], np.clip(j, 0, size - 1), kernel)
+  return weights
+
+
+@functools.lru_cache(maxsize=16)
+def _resize_matrix(out_size: int, in_size: int, blur_sigma: float) -> np.ndarray:
+  """Interpolation to out_size, then (if blur_sigma > 0) the blur along the same axis, as one matrix."""
+  weights = _interpolation_matrix(out_size, in_size)
+  if blur_sigma > 0:
+    weights = (_blur_matrix(out_size, blur_sigma) @ weights).astype(np.float32)
+  return weights
+
+
+def upsample(maps, size: int, blur_sigma: float = 0.0):
+  """Bilinear, align_corners=True: (B, h, w) -> (B, size, size), as two small matmuls; blurred with a
+  Gaussian of `blur_sigma` output pixels when it is positive."""
   _, h, w = maps.shape
-  rows = jnp.asarray(_interpolation_matrix(size, h))
-  cols = jnp.asarray(_interpolation_matrix(size, w))
+  rows = jnp.asarray(_resize_matrix(size, h, blur_sigma))
+  cols = jnp.asarray(_resize_matrix(size, w, blur_sigma))
   return jnp.einsum("sh,bhw,tw->bst", rows, maps, cols, precision=jax.lax.Precision.HIGHEST)
 
 
-def likelihood_map(layer_log_probs, layer_max, image_size: int):
+def likelihood_map(layer_log_probs, layer_max, image_size: int, blur_sigma: float = 0.0):
   """Sum over layers of the upsampled exp(log p - layer max): (B, S, S); high where the image is normal."""
   total = 0.0
   for log_p, top in zip(layer_log_probs, layer_max):
-    total = total + upsample(jnp.exp(log_p - top), image_size)
+    total = total + upsample(jnp.exp(log_p - top), image_size, blur_sigma)
   return total
 
 
@@ -59,7 +88,8 @@ def batch_layer_max(layer_log_probs):
   return jnp.stack([jnp.max(log_p) for log_p in layer_log_probs])
 
 
-def anomaly_maps(layer_log_probs, image_size: int, normalization: Normalization | None = None):
+def anomaly_maps(layer_log_probs, image_size: int, normalization: Normalization | None = None,
+                 blur_sigma: float = 0.0):
   """Anomaly maps (B, S, S) and image scores (B,).
 
   With `normalization=None` the maxima come from the given layers themselves (anomalib's per-batch
@@ -67,10 +97,10 @@ def anomaly_maps(layer_log_probs, image_size: int, normalization: Normalization 
   """
   if normalization is None:
     layer_max = batch_layer_max(layer_log_probs)
-    likelihood = likelihood_map(layer_log_probs, layer_max, image_size)
+    likelihood = likelihood_map(layer_log_probs, layer_max, image_size, blur_sigma)
     map_max = jnp.max(likelihood)
   else:
     layer_max, map_max = normalization
-    likelihood = likelihood_map(layer_log_probs, layer_max, image_size)
+    likelihood = likelihood_map(layer_log_probs, layer_max, image_size, blur_sigma)
   maps = map_max - likelihood
   return maps, jnp.max(maps, axis=(1, 2))

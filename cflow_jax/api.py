@@ -195,11 +195,11 @@ def score_batches(detector: Detector, images, batch_size: int | None = None,
       # Pad a short last batch to the compiled shape; with fixed constants each image is scored alone.
       x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
     log_probs = model_lib.batch_log_probs(detector.model, replicated, x, mesh)
-    maps, scores = _maps(log_probs, config.image_size, fixed)
+    maps, scores = _maps(log_probs, config.image_size, fixed, config.blur_sigma)
     yield batch, np.asarray(scores)[:n], np.asarray(maps)[:n]
 
 
-_maps = jax.jit(anomaly_maps, static_argnums=1)
+_maps = jax.jit(anomaly_maps, static_argnums=(1, 3))
 
 
 def _replicated(detector: Detector, mesh):
@@ -221,7 +221,7 @@ def score(detector: Detector, images, batch_size: int | None = None,
   batches = _bar(_as_batches(images, batch_size, config), images, batch_size, "scoring", progress)
   log_probs = [model_lib.batch_log_probs(detector.model, replicated, b["image"], mesh) for b in batches]
   stacked = tuple(jnp.concatenate(layer) for layer in zip(*log_probs))
-  maps, scores = _maps(stacked, config.image_size, None)
+  maps, scores = _maps(stacked, config.image_size, None, config.blur_sigma)
   return Scores(np.asarray(scores), np.asarray(maps))
 
 

@@ -327,7 +327,8 @@ def fit_normalization(model, encoder_variables, params, permutations, batches: I
       # device still never waits for the host.
       jax.block_until_ready(log_probs[-2])
   layer_max = jnp.max(jnp.stack([batch_layer_max(lp) for lp in log_probs]), axis=0)
-  map_max = max(float(jnp.max(likelihood_map(lp, layer_max, model.config.image_size)))
+  config = model.config
+  map_max = max(float(jnp.max(likelihood_map(lp, layer_max, config.image_size, config.blur_sigma)))
                 for lp in log_probs)
   return Normalization(layer_max, jnp.asarray(map_max, jnp.float32))
 

@@ -80,8 +80,8 @@ def main(_):
   fixed = model_lib.beside_log_probs(
       Normalization(jnp.zeros(len(model.channels)), jnp.asarray(len(model.channels), jnp.float32)), mesh)
   replicated = sharding.replicate((variables, state.params, state.permutations), mesh)
-  maps = jax.jit(anomaly_maps, static_argnums=1)
-  score = lambda: maps(model_lib.batch_log_probs(model, replicated, images, mesh), s, fixed)
+  maps = jax.jit(anomaly_maps, static_argnums=(1, 3))
+  score = lambda: maps(model_lib.batch_log_probs(model, replicated, images, mesh), s, fixed, config.blur_sigma)
 
   # The train step donates its parameters: give it freshly placed copies each call.
   fresh = lambda: train._place(jax.tree.map(jnp.copy, state), layout)

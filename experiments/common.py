@@ -26,7 +26,7 @@ from cflow_jax.errors import UserError
 FLAGS = flags.FLAGS
 CONFIG_FLAGS = ("backbone", "weights", "image_size", "meta_epochs", "sub_epochs", "fiber_batch",
                 "drop_remainder", "drop_last_batch", "batch_size", "lr", "schedule", "rotation", "seed",
-                "normalization", "padding", "encoder_dtype", "permutation", "cache_features", "resample",
+                "normalization", "blur_sigma", "padding", "encoder_dtype", "permutation", "cache_features", "resample",
                 "image_dtype")
 # One decoder per tapped layer: more CPU devices than decoders would idle.
 TAPPED_LAYERS = max(len(spec.taps) for spec in encoders.SPECS.values())
@@ -93,6 +93,8 @@ def define_training_flags():
                     "Where the maxima that normalise anomaly maps come from: train (fixed from the training "
                     "images, so that a score never depends on other images), test_set (the original) or "
                     "batch (anomalib)." + _default("normalization"))
+  flags.DEFINE_float("blur_sigma", None, "Gaussian blur of the anomaly maps, sigma in input pixels; 0 for "
+                     "none (both references)." + _default("blur_sigma"))
   flags.DEFINE_enum("resample", None, RESAMPLE, "Filter that resizes the images: lanczos (the original) or "
                     "bilinear (anomalib, antialiased)." + _default("resample"))
   flags.DEFINE_enum("image_dtype", None, IMAGE_DTYPES, "Resized images rounded to uint8 (the original) or "

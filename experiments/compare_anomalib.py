@@ -39,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+from cflow_jax.config import Config
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile"
 REFERENCE_SCRIPT = REPO / "experiments" / "reference" / "anomalib_cflow.py"
@@ -51,13 +53,15 @@ ACCURACY = ("image_auroc", "pixel_auroc", "image_f1")
 # code's rule), over each batch (anomalib's) and over batches of a shuffled test order: the first makes
 # the two sides' numbers comparable without either depending on batch composition. Ours from
 # experiments/normalization_study.py, anomalib's from the log-likelihoods its map generator saw.
-RULES = ("test_set", "batch", "batch_shuffled")
+# Post-processing: ours blurs its maps (--blur_sigma, our default); "test_set_unblurred" is our map without
+# it, "test_set_blurred" anomalib's with it, so each side is also seen with the other's.
+RULES = ("test_set", "batch", "batch_shuffled", "test_set_unblurred", "test_set_blurred")
 RESCORED = tuple(f"{metric}_{rule}" for rule in RULES for metric in ("image_auroc", "pixel_auroc"))
 SPEED = ("train_seconds", "train_fibers_per_s", "train_images_per_s", "score_images_per_s")
 MEMORY = ("peak_rss_mb", "child_peak_rss_mb")
 # What must agree for rounds of several reports to be summarised together.
 SETTINGS = ("backbone", "image_size", "fiber_batch", "epochs", "lr", "ours_lr", "batch_size", "max_train",
-            "max_test", "resample", "image_dtype", "last_batch")
+            "max_test", "resample", "image_dtype", "last_batch", "blur_sigma")
 RATIOS = ("train_fibers_per_s", "train_images_per_s", "score_images_per_s", "peak_rss_mb", "child_peak_rss_mb")
 
 
@@ -169,7 +173,7 @@ def run_ours(args, data_dir: Path, run_dir: Path) -> dict:
       sys.executable, "experiments/train.py", "--dataset=folder", f"--data_dir={data_dir}", f"--category={CATEGORY}",
       f"--backbone={args.backbone}", f"--image_size={args.image_size}", f"--fiber_batch={args.fiber_batch}",
       f"--epochs={args.epochs}", f"--lr={args.ours_lr or args.lr:g}", f"--batch_size={args.batch_size}",
-      "--schedule=constant",
+      "--schedule=constant", f"--blur_sigma={args.blur_sigma:g}",
       "--rotation=0", f"--resample={args.resample}", f"--image_dtype={args.image_dtype}",
       "--nodrop_remainder", "--nodrop_last_batch", f"--seed={args.seed}", f"--workdir={run_dir}",
       *_subset_flags(args),
@@ -196,7 +200,8 @@ def rescore_ours(args, data_dir: Path, run_dir: Path) -> dict:
     print(f"normalization study failed:\n{_tail(child['log'])}", file=sys.stderr, flush=True)
     return {}
   rules = json.loads(study.read_text())
-  return {f"{metric}_{rule}": rules[rule][metric] for rule in RULES for metric in ("image_auroc", "pixel_auroc")}
+  return {f"{metric}_{rule}": rules[rule][metric] for rule in RULES if rule in rules
+          for metric in ("image_auroc", "pixel_auroc")}
 
 
 def run_reference(args, category_dir: Path, run_dir: Path) -> dict:
@@ -206,7 +211,7 @@ def run_reference(args, category_dir: Path, run_dir: Path) -> dict:
       args.torch_python, str(REFERENCE_SCRIPT.relative_to(REPO)), f"--data_root={category_dir}",
       f"--backbone={args.backbone}", f"--image_size={args.image_size}", f"--fiber_batch={args.fiber_batch}",
       f"--epochs={args.epochs}", f"--lr={args.lr:g}", f"--batch_size={args.batch_size}", f"--seed={args.seed}",
-      f"--threads={args.threads}", f"--out={out}", *_subset_flags(args),
+      f"--threads={args.threads}", f"--out={out}", f"--blur_sigma={args.blur_sigma:g}", *_subset_flags(args),
   ]
   if args.hed_weights:
     cmd.append(f"--hed_weights={args.hed_weights}")
@@ -370,6 +375,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--ours_lr", type=float, default=None,
                       help="our learning rate, if not --lr (e.g. 2e-4, the original's, against anomalib's 1e-4)")
   parser.add_argument("--batch_size", type=int, default=32, help="images per batch, both sides")
+  parser.add_argument("--blur_sigma", type=float, default=Config().blur_sigma,
+                      help="Gaussian blur of our maps (our default); anomalib's are also rescored with it")
   parser.add_argument("--seed", type=int, default=42)
   parser.add_argument("--resample", default="bilinear", choices=("bilinear", "lanczos"),
                       help="our resizing filter; bilinear is what the reference's torchvision Resize does")

@@ -13,6 +13,8 @@ compared on exactly the same likelihoods:
   batch           max over each batch of --batch_size test images in file order (anomalib)
   batch_shuffled  the same over batches of the test images in a random order: a score that moves
                   between `batch` and this depends on which images share its batch
+  test_set_unblurred  test_set without the run's Gaussian blur (SPEC section 5's map exactly), when the
+                  run blurs; every other rule blurs as the run does (--blur_sigma)
 
   .venv/bin/python experiments/normalization_study.py --workdir=RUN --dataset=folder \
       --data_dir=DATA --category=magnetic_tile [--quantiles 0.99 0.999]
@@ -62,33 +64,35 @@ def fixed(layer_max):
   return Normalization(jnp.asarray(layer_max, jnp.float32), jnp.asarray(0.0, jnp.float32))
 
 
-def score_rule(rule, detector, train, test, image_size, batch_size, seed=0):
-  """(scores, maps) of the test set under one rule."""
+def score_rule(rule, detector, train, test, image_size, batch_size, seed=0, blur_sigma=None):
+  """(scores, maps) of the test set under one rule, the maps blurred as the run's config says or with
+  `blur_sigma`."""
+  blur = detector.config.blur_sigma if blur_sigma is None else blur_sigma
   if rule == "test_set":
-    return _maps(test, image_size, None)
+    return _maps(test, image_size, None, blur)
   if rule in ("batch", "batch_shuffled"):
     order = np.arange(len(test[0]))
     if rule == "batch_shuffled":
       order = np.random.default_rng(seed).permutation(order)
-    parts = [_maps([layer[order[i:i + batch_size]] for layer in test], image_size, None)
+    parts = [_maps([layer[order[i:i + batch_size]] for layer in test], image_size, None, blur)
              for i in range(0, len(order), batch_size)]
     scores, maps = np.empty(len(order)), np.empty((len(order), image_size, image_size), np.float32)
     scores[order], maps[order] = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     return scores, maps
   if rule == "train":
-    return _maps(test, image_size, detector.normalization)
+    return _maps(test, image_size, detector.normalization, blur)
   q = float(rule.removeprefix("train_q"))
-  return _maps(test, image_size, fixed([np.quantile(layer, q) for layer in train]))
+  return _maps(test, image_size, fixed([np.quantile(layer, q) for layer in train]), blur)
 
 
-def _maps(layers, image_size, normalization, chunk=64):
+def _maps(layers, image_size, normalization, blur_sigma, chunk=64):
   """(scores, maps) of stored log p, a few images at a time; with `normalization=None` the maxima are
   taken over every image given, as the references do over the images scored together."""
   together = normalization is None
   if together:
     normalization = fixed([layer.max() for layer in layers])
   maps = np.concatenate([np.asarray(anomaly_maps([jnp.asarray(l[i:i + chunk]) for l in layers], image_size,
-                                                 normalization)[0])
+                                                 normalization, blur_sigma)[0])
                          for i in range(0, len(layers[0]), chunk)])
   if together:
     maps = maps - maps.min()  # map_max - likelihood, map_max the largest summed likelihood of the set
@@ -122,12 +126,16 @@ def main(argv=None):
     print(f"  layer {i} {test[i].shape[1:]}: train max {float(detector.normalization.layer_max[i]):.3f} "
           f"{qs} | test max {test[i].max():.3f}")
   rules = ["train", *(f"train_q{q}" for q in args.quantiles), "test_set", "batch", "batch_shuffled"]
+  if detector.config.blur_sigma:
+    rules.append("test_set_unblurred")
   results = {}
   for rule in rules:
-    scores, maps = score_rule(rule, detector, train, test, size, args.batch_size)
+    blur = 0.0 if rule == "test_set_unblurred" else None
+    scores, maps = score_rule(rule.removesuffix("_unblurred"), detector, train, test, size, args.batch_size,
+                              blur_sigma=blur)
     results[rule] = {"image_auroc": metrics.auroc(scores, labels),
                      "pixel_auroc": metrics.auroc(maps, masks)}
-    print(f"{rule:>14}: image AUROC {results[rule]['image_auroc']:.4f}  "
+    print(f"{rule:>18}: image AUROC {results[rule]['image_auroc']:.4f}  "
           f"pixel AUROC {results[rule]['pixel_auroc']:.4f}")
   (Path(args.workdir) / "normalization_study.json").write_text(json.dumps(results, indent=1))
   return results

@@ -5,6 +5,7 @@ One tiny demo run (64 px, 8 + 8 images, one epoch, HED's VGG16 from the installe
 """
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -97,11 +98,16 @@ def test_normalization_study_rescores_as_the_pipeline_scores(runs, tmp_path):
   results = study.main([f"--workdir={workdir}", "--dataset=demo", "--category=brick", "--batch_size=8"])
   detector = cf.load(workdir)
   test_set = cf.data.load("demo", "test", "brick").resized(64)
-  for rule in ("train", "test_set", "batch"):
-    expected = cf.evaluate(detector, test_set, batch_size=8, normalization=rule).metrics
+  assert detector.config.blur_sigma > 0  # the default: every rule blurs, and one more rule does not
+  unblurred = dataclasses.replace(detector, model=dataclasses.replace(
+      detector.model, config=dataclasses.replace(detector.config, blur_sigma=0.0)))
+  for rule, scored in (("train", detector), ("test_set", detector), ("batch", detector),
+                       ("test_set_unblurred", unblurred)):
+    expected = cf.evaluate(scored, test_set, batch_size=8,
+                           normalization=rule.removesuffix("_unblurred")).metrics
     for key in ("image_auroc", "pixel_auroc"):
       assert results[rule][key] == pytest.approx(expected[key], abs=1e-4), (rule, key)
-  assert set(results) == {"train", "test_set", "batch", "batch_shuffled"}
+  assert set(results) == {"train", "test_set", "batch", "batch_shuffled", "test_set_unblurred"}
 
 
 def test_rerun_with_other_settings_is_refused(runs):
@@ -161,6 +167,7 @@ def test_missing_data_dir_is_one_line(tmp_path):
 
 def test_bad_flag_value_is_one_line():
   assert_one_line_error(run("train.py", "--dataset=demo", "--image_size=100"), "image_size", "32")
+  assert_one_line_error(run("train.py", "--dataset=demo", "--blur_sigma=-1"), "blur_sigma")
   result = run("benchmark.py", "--backbone=alexnet")  # absl's own check: no traceback either
   assert result.returncode != 0 and "Traceback" not in result.stderr and "backbone" in result.stderr
 
@@ -172,7 +179,7 @@ def test_help_documents_every_training_flag(script):
   for flag in ("dataset", "data_dir", "backbone", "weights", "image_size", "epochs", "meta_epochs",
                "sub_epochs", "fiber_batch", "lr", "seed", "workdir", "schedule", "rotation", "normalization",
                "padding", "encoder_dtype", "batch_size", "drop_remainder", "max_train", "max_test",
-               "num_pictures"):
+               "num_pictures", "blur_sigma"):
     assert f"--{flag}" in result.stdout or f"--[no]{flag}" in result.stdout, flag
 
 

@@ -36,6 +36,21 @@ def test_upsampling_is_bilinear_with_align_corners():
     np.testing.assert_allclose(ours[b], _naive_upsample(m[b], 17), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("sigma", [0.7, 4.0])
+def test_blur_folded_into_upsampling_is_a_gaussian_filter_with_reflected_borders(sigma):
+  """The blur rides in the upsampling matrices; it must equal blurring the upsampled map afterwards with
+  scipy's Gaussian (mode "reflect", 4 sigmas), borders included, and leave a constant map unchanged."""
+  from scipy import ndimage
+
+  m = np.random.default_rng(2).normal(size=(2, 4, 5)).astype(np.float32)
+  ours = np.asarray(anomaly_map.upsample(m, 40, sigma))
+  for b in range(2):
+    expected = ndimage.gaussian_filter(_naive_upsample(m[b], 40), sigma, mode="reflect", truncate=4.0)
+    np.testing.assert_allclose(ours[b], expected, rtol=1e-5, atol=1e-5)
+  flat = np.asarray(anomaly_map.upsample(np.full((1, 4, 5), 3.0, np.float32), 40, sigma))
+  np.testing.assert_allclose(flat, 3.0, rtol=1e-6)
+
+
 def test_maps_follow_the_original_whole_set_formula():
   rng = np.random.default_rng(1)
   layers = [rng.normal(size=(3, s, s)).astype(np.float32) * 3 for s in (8, 4, 2)]

@@ -295,9 +295,10 @@ def grouped_maps(recorded: list, image_size: int, groups) -> "np.ndarray":
   return maps
 
 
-def rescored_metrics(recorded, image_size, labels, masks, batch_size, seed) -> dict:
+def rescored_metrics(recorded, image_size, labels, masks, batch_size, seed, blur_sigma=0.0) -> dict:
   """Metrics of the same log-likelihoods under the whole-test-set rule and under per-batch maxima over
-  batches of a shuffled test order."""
+  batches of a shuffled test order; with `blur_sigma`, also the whole-test-set maps smoothed by a Gaussian
+  of that sigma (scipy's, reflected borders: the post-processing cflow_jax offers), "test_set_blurred"."""
   import numpy as np
 
   n = sum(len(batch[0][0]) for batch in recorded) // (recorded[0][1][0] * recorded[0][2][0])
@@ -308,6 +309,13 @@ def rescored_metrics(recorded, image_size, labels, masks, batch_size, seed) -> d
   for rule, groups in rules.items():
     maps = grouped_maps(recorded, image_size, groups).reshape(n, -1)
     result.update({f"{k}_{rule}": v for k, v in score_metrics(labels, maps.max(axis=1), masks, maps).items()})
+    if rule == "test_set" and blur_sigma:
+      from scipy.ndimage import gaussian_filter
+
+      maps = np.stack([gaussian_filter(m, blur_sigma, mode="reflect")
+                       for m in maps.reshape(n, image_size, image_size)]).reshape(n, -1)
+      result.update({f"{k}_test_set_blurred": v
+                     for k, v in score_metrics(labels, maps.max(axis=1), masks, maps).items()})
   return result
 
 
@@ -429,7 +437,8 @@ def main(argv=None) -> dict:
   labels = np.array([int(kind != "good") for _, kind in test_pairs])
 
   peak_rss = peak_rss_mb()  # of training and scoring, before the untimed re-scoring below
-  rescored = rescored_metrics(recorded, args.image_size, labels, masks, args.batch_size, args.seed)
+  rescored = rescored_metrics(recorded, args.image_size, labels, masks, args.batch_size, args.seed,
+                              args.blur_sigma)
 
   n_train, n_test = len(train_images), len(test_pairs)
   train_fibers = fibers_per_image * n_train * args.epochs
@@ -493,6 +502,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--max_train", type=int, default=None, help="first N train images by name")
   parser.add_argument("--max_test", type=int, default=None, help="N test images evenly spaced over (type, name)")
   parser.add_argument("--out", default=None, help="JSON file for the results")
+  parser.add_argument("--blur_sigma", type=float, default=0.0,
+                      help="also rescore the whole-test-set maps blurred by this Gaussian (test_set_blurred)")
   return parser.parse_args(argv)
 
 
