@@ -43,7 +43,8 @@ def _interpolation_matrix(out_size: int, in_size: int) -> np.ndarray:
 
 def _blur_matrix(size: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
   """(size, size) weights of a 1-D Gaussian blur with reflected borders (d c b a | a b c d | d c b a, as
-  scipy.ndimage's "reflect"), the kernel cut at `truncate` sigmas: every row sums to one."""
+  scipy.ndimage's "reflect"), the kernel cut at `truncate` sigmas: every row sums to one. Reflected once:
+  a kernel wider than the map (radius >= size) is clipped at the far border where scipy reflects again."""
   radius = int(truncate * sigma + 0.5)
   offsets = np.arange(-radius, radius + 1)
   kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
