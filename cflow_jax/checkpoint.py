@@ -17,7 +17,7 @@ from cflow_jax.config import Config
 from cflow_jax.errors import UserError
 
 # Fields that only change how scores are normalised, not what was trained: free to differ on resume.
-_SCORING_ONLY = ("normalization", "cache_features", "blur_sigma")
+_SCORING_ONLY = ("normalization", "cache_features", "blur_sigma", "score_dtype")
 # Fields that may grow on resume: training longer continues the same run.
 _EXTENDABLE = ("meta_epochs",)
 

@@ -21,7 +21,7 @@ class Config:
   weights: str | None = None
   # "zeros" is what torchvision/timm checkpoints were trained with; "reflect" is O's ResNet copy.
   padding: str = "zeros"
-  # "bfloat16" runs the encoder convolutions in bf16 with f32 accumulation; the flows stay in f32.
+  # "bfloat16" runs the encoder convolutions in bf16 with f32 accumulation (the flows: `score_dtype`).
   encoder_dtype: str = "float32"
   image_size: int = 256
   # The filter that resizes images to image_size: "lanczos" is O's (PIL's ANTIALIAS); "bilinear" is
@@ -62,6 +62,9 @@ class Config:
   # anomalib's PaDiM and PatchCore use at 256 px; on Magnetic Tile it lifted image AUROC by 1.6-4.0
   # points over three seeds (README).
   blur_sigma: float = 4.0
+  # The flows' subnet matmuls when scoring (training stays float32): "bfloat16" rounds their inputs and
+  # sums in float32, 1.4x faster scoring on this AMX CPU, AUROC within 0.01 points of float32 (README).
+  score_dtype: str = "bfloat16"
 
   def __post_init__(self):
     _check_choice("backbone", self.backbone, BACKBONES)
@@ -69,6 +72,7 @@ class Config:
     _check_choice("resample", self.resample, RESAMPLE)
     _check_choice("image_dtype", self.image_dtype, IMAGE_DTYPES)
     _check_choice("encoder_dtype", self.encoder_dtype, ("float32", "bfloat16"))
+    _check_choice("score_dtype", self.score_dtype, ("float32", "bfloat16"))
     _check_choice("permutation", self.permutation, ("hard", "soft"))
     _check_choice("schedule", self.schedule, ("cosine", "constant"))
     _check_choice("normalization", self.normalization, ("train", "test_set", "batch"))

@@ -61,7 +61,15 @@ class Permutation(distrax.Bijector):
     return x, jnp.zeros(y.shape[:-1], y.dtype)
 
 
-def coupling_block(block, permutation, condition, clamp):
+def _dense(x, w, dtype):
+  """x @ w with its inputs rounded to `dtype` and the products summed in float32: bfloat16 runs ~1.4x
+  faster on CPUs with AMX (and on GPU / TPU matrix units), at ~3 significant digits per input."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return x @ w
+  return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def coupling_block(block, permutation, condition, clamp, dtype=jnp.float32):
   """One AllInOneBlock on one fiber as a distrax bijector.
 
   Args:
@@ -70,15 +78,17 @@ def coupling_block(block, permutation, condition, clamp):
     permutation: (C,) indices or (C, C) rotation.
     condition: (P,) positional code of the fiber; it enters the subnet of every block.
     clamp: alpha of the soft clamp j = alpha * tanh(s).
+    dtype: the subnet matmuls' input type (float32, or bfloat16 with float32 sums; see `_dense`).
   """
   c1 = block["w1"].shape[0] - condition.shape[-1]
 
   def conditioner(x1):
     # [x1, c] @ w1 as two matmuls: the condition is a constant, so the backward pass never forms its
     # gradient, and a condition shared by several fibers (vmapped over them) is projected only once.
-    h = jax.nn.relu(x1 @ block["w1"][:c1] + condition @ block["w1"][c1:] + block["b1"])
+    h = jax.nn.relu(_dense(x1, block["w1"][:c1], dtype) + _dense(condition, block["w1"][c1:], dtype)
+                    + block["b1"])
     # The whole coefficient vector is scaled by 0.1 for a gentle start (FrEIA).
-    s, t = jnp.split(0.1 * (h @ block["w2"] + block["b2"]), 2, axis=-1)
+    s, t = jnp.split(0.1 * (_dense(h, block["w2"], dtype) + block["b2"]), 2, axis=-1)
     return clamp * jnp.tanh(s), t
 
   def affine(coefficients):
@@ -91,14 +101,14 @@ def coupling_block(block, permutation, condition, clamp):
   return distrax.Chain([Permutation(permutation), global_affine, coupling])  # applied right to left
 
 
-def _flow_one_fiber(params, permutations, x, condition, clamp, inverse):
+def _flow_one_fiber(params, permutations, x, condition, clamp, inverse, dtype):
   """Runs all blocks on one fiber x (C,) with condition (P,); returns (output, log-det)."""
   # A Python loop (an unrolled scan): the blocks compile as one straight-line program that XLA fuses
   # across block borders; training at small N is overhead-bound and runs ~1.2x faster so on the CPU.
   order = range(num_blocks(params))
   log_det = jnp.zeros((), x.dtype)
   for i in (reversed(order) if inverse else order):
-    bijector = coupling_block(block(params, i), block(permutations, i), condition, clamp)
+    bijector = coupling_block(block(params, i), block(permutations, i), condition, clamp, dtype)
     apply = bijector.inverse_and_log_det if inverse else bijector.forward_and_log_det
     x, block_log_det = apply(x)
     log_det = log_det + block_log_det
@@ -138,36 +148,37 @@ def num_blocks(params) -> int:
   return len(params["global_offset"])
 
 
-def _over_fibers(params, permutations, x, condition, clamp, inverse):
+def _over_fibers(params, permutations, x, condition, clamp, inverse, dtype):
   """The flow vmapped over fibers x (N, C) with conditions (N, P), or over x (N, K, C) whose K fibers
   share one condition (N, P): an inner vmap leaves the condition unbatched, so its projection in every
   block is computed once per condition instead of once per fiber."""
-  one = lambda x, c: _flow_one_fiber(params, permutations, x, c, clamp, inverse)
+  one = lambda x, c: _flow_one_fiber(params, permutations, x, c, clamp, inverse, dtype)
   if x.ndim == 3:
     return jax.vmap(jax.vmap(one, in_axes=(0, None)))(x, condition)
   return jax.vmap(one)(x, condition)
 
 
-def forward(params, permutations, fibers, condition, clamp=1.9):
+def forward(params, permutations, fibers, condition, clamp=1.9, dtype=jnp.float32):
   """z = f(x | c) for a batch of fibers.
 
   Args:
     fibers: (N, C) features, or (N, K, C): K fibers for each condition (e.g. one position in K images).
     condition: (N, P) positional codes.
+    dtype: the subnet matmuls' input type (`coupling_block`).
   Returns:
     z, shaped as `fibers`, and log|det df/dx|, (N,) or (N, K).
   """
-  return _over_fibers(params, permutations, fibers, condition, clamp, False)
+  return _over_fibers(params, permutations, fibers, condition, clamp, False, dtype)
 
 
-def inverse(params, permutations, z, condition, clamp=1.9):
+def inverse(params, permutations, z, condition, clamp=1.9, dtype=jnp.float32):
   """x = f^-1(z | c), shaped as z ((N, C) or (N, K, C)), and log|det df^-1/dz|."""
-  return _over_fibers(params, permutations, z, condition, clamp, True)
+  return _over_fibers(params, permutations, z, condition, clamp, True, dtype)
 
 
-def log_prob(params, permutations, fibers, condition, clamp=1.9):
+def log_prob(params, permutations, fibers, condition, clamp=1.9, dtype=jnp.float32):
   """log p(x | c) under a standard normal base, (N,) or (N, K): -C/2 ln 2pi - |z|^2 / 2 + log|det J|."""
-  z, log_det = forward(params, permutations, fibers, condition, clamp)
+  z, log_det = forward(params, permutations, fibers, condition, clamp, dtype)
   channels = fibers.shape[-1]
   return channels * _LOG_NORMALIZER - 0.5 * jnp.sum(z * z, axis=-1) + log_det
 

@@ -117,7 +117,8 @@ def layer_log_probs(model: Model, params, permutations, features):
     b, h, w, c = f.shape
     fibers = jnp.transpose(f.astype(jnp.float32).reshape(b, h * w, c), (1, 0, 2))
     condition = positional_encoding(h, w, condition_dim).reshape(h * w, condition_dim)
-    log_p_of = lambda x, cond: flow.log_prob(layer_params, layer_perms, x, cond, model.config.clamp)
+    log_p_of = lambda x, cond: flow.log_prob(layer_params, layer_perms, x, cond, model.config.clamp,
+                                             jnp.dtype(model.config.score_dtype))
     if _cache_blocked():
       log_p = _in_blocks(log_p_of, fibers, condition, max(_CPU_FIBER_BLOCK // b, 1))
     else:
