@@ -63,13 +63,17 @@ def make_optimizer() -> optax.GradientTransformation:
   return optax.scale_by_adam()
 
 
-def _chunk_indices(key, n: int, config: Config):
+def _chunk_indices(key, n: int, config: Config, valid=None):
   """A joint shuffle of n fibers cut into chunks: (main (K, N), last or None).
 
   With `drop_remainder` the n mod N leftover fibers are skipped (the original); otherwise the last chunk
-  takes them (anomalib), so it is longer than N and gets its own step.
+  takes them (anomalib), so it is longer than N and gets its own step. With `valid` (traced) only the
+  first `valid` fibers are real (a short batch padded to the compiled shape, see `pads_exactly`): the
+  shuffle puts them first, in the order it gives them, and the steps past them are skipped.
   """
   order = jax.random.permutation(key, n)
+  if valid is not None:
+    order = order[jnp.argsort(order >= valid, stable=True)]
   size = min(config.fiber_batch, n)
   k = chunks_per_batch(n, config)
   if config.drop_remainder or n % size == 0:
@@ -89,8 +93,9 @@ def train_layer_fn(model, mesh=None):
   config = model.config
   optimizer = make_optimizer()
 
-  def train_layer(params, opt_state, permutations, features, key, lr):
+  def train_layer(params, opt_state, permutations, features, key, lr, valid_images=None):
     fibers, condition = model_lib.fibers_and_condition(features, config.condition_dim)
+    b, h, w, _ = features.shape
     channels = fibers.shape[-1]
     # The chunk loop carries every block's arrays separately (see flow.split_blocks).
     permutations = flow.split_blocks(permutations)
@@ -107,10 +112,25 @@ def train_layer_fn(model, mesh=None):
       updates, s = optimizer.update(grads, s, p)
       return (optax.apply_updates(p, jax.tree.map(lambda u: -lr * u, updates)), s), loss
 
-    main, last = _chunk_indices(key, fibers.shape[0], config)
-    carry, losses = jax.lax.scan(step, flow.split_blocks((params, opt_state)), main)
+    carry = flow.split_blocks((params, opt_state))
+    if valid_images is None:
+      main, last = _chunk_indices(key, fibers.shape[0], config)
+      carry, losses = jax.lax.scan(step, carry, main)
+    else:
+      # A traced count of real images: full and padded short batches share one compiled program.
+      valid = valid_images * h * w
+      main, last = _chunk_indices(key, fibers.shape[0], config, valid)
+      steps = jnp.maximum(valid // main.shape[1], 1)
+
+      def body(i, loop):
+        carry, losses = loop
+        carry, loss = step(carry, main[i])
+        return carry, losses.at[i].set(loss)
+
+      carry, losses = jax.lax.fori_loop(0, steps, body, (carry, jnp.zeros(len(main))))
     if last is not None:
-      carry, last_loss = step(carry, last)
+      full = True if valid_images is None else valid_images == b
+      carry, last_loss = jax.lax.cond(full, step, lambda c, _: (c, jnp.zeros(())), carry, last)
       losses = jnp.concatenate([losses, last_loss[None]])
     params, opt_state = flow.stack_blocks(carry)
     return params, opt_state, losses
@@ -143,8 +163,9 @@ def make_train_layer(model, mesh=None):
   config share the compilations."""
   train_layer = train_layer_fn(model, mesh)
 
-  def from_key_data(params, opt_state, permutations, features, key_data, lr):
-    return train_layer(params, opt_state, permutations, features, jax.random.wrap_key_data(key_data), lr)
+  def from_key_data(params, opt_state, permutations, features, key_data, lr, valid_images):
+    return train_layer(params, opt_state, permutations, features, jax.random.wrap_key_data(key_data), lr,
+                       valid_images)
 
   return jax.jit(from_key_data, donate_argnums=(0, 1))
 
@@ -155,18 +176,41 @@ def layer_key_data(key, layers: int) -> np.ndarray:
   return np.asarray(jax.random.key_data(layer_keys(key, layers)))
 
 
-def train_batch(model, layout: sharding.Layout, params, opt_states, permutations, features, key_data, lr):
+def train_batch(model, layout: sharding.Layout, params, opt_states, permutations, features, key_data, lr,
+                valid_images: int | None = None):
   """One image batch for every decoder: (params, opt_states, losses), tuples over layers; `key_data` from
-  `layer_key_data`, `lr` a host float.
+  `layer_key_data`, `lr` a host float; `valid_images`: how many of the batch's images are real (a short
+  batch padded to the compiled shape, `pads_exactly`; default all). Losses of skipped steps are zeros
+  after the real ones (`real_chunks`).
 
   Each layer's step is dispatched where the layout puts its decoder and returns at once (JAX's
   asynchronous dispatch), so decoders on different devices train concurrently; reading a result waits.
   """
   step = make_train_layer(model, layout.split_mesh)
+  valid = np.int32(features[0].shape[0] if valid_images is None else valid_images)
   out = []
   for layer, (p, s, q, f, k) in enumerate(zip(params, opt_states, permutations, features, key_data)):
-    out.append(step(p, s, q, layout.put_step_input(layer, f), k, lr))
+    out.append(step(p, s, q, layout.put_step_input(layer, f), k, lr, valid))
   return tuple(o[0] for o in out), tuple(o[1] for o in out), tuple(o[2] for o in out)
+
+
+def pads_exactly(model, valid_images: int, batch_size: int) -> bool:
+  """Whether a short batch of `valid_images`, padded to `batch_size` images, trains on the steps it would
+  have taken alone (and so can reuse the full batches' compiled programs instead of compiling its own,
+  ~30 s at 256 px): each layer's real fibers fill at least one chunk, and leave no remainder where the
+  last chunk would take it (`drop_remainder` False)."""
+  config = model.config
+  for h in model.feature_sizes():
+    real, size = valid_images * h * h, min(config.fiber_batch, batch_size * h * h)
+    if real < size or (not config.drop_remainder and real % size):
+      return False
+  return True
+
+
+def _padded_chunks(model, valid_images: int, batch_size: int) -> tuple[int, ...]:
+  """The steps each layer really takes on a short batch padded by `pads_exactly`'s rule."""
+  return tuple(valid_images * h * h // min(model.config.fiber_batch, batch_size * h * h)
+               for h in model.feature_sizes())
 
 
 def layer_costs(model) -> tuple[float, ...]:
@@ -244,12 +288,21 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
     steps = [(layer_key_data(batch_key(config.seed, epoch, b), layers),
               np.float32(schedule(epoch * batches_per_epoch + b))) for b in range(batches_per_epoch)]
     for b, images in enumerate(train_batches(epoch)):
-      if isinstance(images, tuple):  # cached features
+      cached = isinstance(images, tuple)  # features
+      valid = len(images[0] if cached else images)
+      full = valid if b == 0 else full  # the epoch's batches' size (only the last may be shorter)
+      real = (None,) * layers
+      if valid < full and pads_exactly(model, valid, full):
+        # A short last batch, padded with zeros to the others' size, reuses their compiled programs.
+        pad = lambda x: np.concatenate([x, np.zeros((full - valid,) + x.shape[1:], x.dtype)])
+        images = tuple(map(pad, images)) if cached else pad(images)
+        real = _padded_chunks(model, valid, full)
+      if cached:
         features = tuple(layout.put_images(f) for f in images)
       else:
         features = model_lib.encode(model, encoder_variables, layout.put_images(images), mesh=layout.mesh)
       params, opt_states, layer_losses = train_batch(model, layout, state.params, state.opt_states,
-                                                     state.permutations, features, *steps[b])
+                                                     state.permutations, features, *steps[b], valid)
       state = state._replace(params=params, opt_states=opt_states)
       # Wait for the previous batch only now: with this batch already queued, the devices do not idle
       # on Python between batches.
@@ -257,7 +310,7 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
         fibers += _finish(pending, losses, model, epoch, workdir)
         bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}",
                         fibers_s=f"{fibers / max(time.perf_counter() - began, 1e-9):,.0f}")
-      pending = (b, layer_losses, sum(f.shape[0] * f.shape[1] * f.shape[2] for f in features))
+      pending = (b, layer_losses, valid * sum(f.shape[1] * f.shape[2] for f in features), real)
       bar.update()
     if pending is not None:
       fibers += _finish(pending, losses, model, epoch, workdir)
@@ -281,8 +334,8 @@ def _place(state: TrainState, layout: sharding.Layout) -> TrainState:
 def _finish(pending, losses: list, model, epoch, workdir) -> int:
   """Waits for a dispatched image batch (index, per-layer losses, fibers), appends its mean loss to
   `losses` and returns its fiber count; stops the run if any loss is not finite."""
-  batch, layer_losses, fibers = pending
-  layer_losses = [np.asarray(l) for l in layer_losses]
+  batch, layer_losses, fibers, real = pending
+  layer_losses = [np.asarray(l)[:k] for l, k in zip(layer_losses, real)]
   _check_finite(layer_losses, model, epoch, batch, workdir)
   losses.append(float(np.mean([l.mean() for l in layer_losses])))
   return fibers

@@ -203,3 +203,54 @@ def test_nan_loss_stops_with_step_and_layer_and_keeps_last_checkpoint(encoder_va
     _fit(SMALL, poisoned, workdir)
   assert "last good checkpoint" in str(err.value)
   assert checkpoint.latest_step(workdir) == 1
+
+
+def _layer_step(fiber_batch):
+  config = Config(condition_dim=8, coupling_blocks=2, fiber_batch=fiber_batch)
+  step = jax.jit(train.train_layer_fn(types.SimpleNamespace(config=config)))
+  params, permutations = flow.init_decoder(jax.random.key(0), 16, 8, 2)
+  features = jax.random.normal(jax.random.key(1), (4, 4, 4, 16))
+  return step, params, permutations, features
+
+
+def test_a_padded_short_batch_trains_on_its_real_fibers_only():
+  """The last short batch of an epoch, padded to the others' size (`train.pads_exactly`), reuses their
+  compiled step. Padding with NaN: any padded fiber in a step would make the parameters NaN."""
+  step, params, permutations, features = _layer_step(fiber_batch=16)
+  padded = features.at[3].set(jnp.nan)
+  opt_state = train.make_optimizer().init(params)
+  final, state, losses = step(params, opt_state, permutations, padded, jax.random.key(2), np.float32(1e-3),
+                              np.int32(3))
+  assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(final))
+  assert np.all(np.asarray(losses[:3]) != 0) and float(losses[3]) == 0  # 3 * 16 real fibers: 3 steps of 16
+  assert int(state.count) == 3  # Adam's step count: the skipped step did not count
+
+  # With one chunk of exactly the real fibers, the padded batch's step is the short batch's own step
+  # (the fibers' order differs, so the float sums do: Adam's step, ~lr, is compared to 1% of it).
+  step, params, permutations, features = _layer_step(fiber_batch=48)
+  lr = np.float32(1e-3)
+  alone, _, _ = step(params, opt_state, permutations, features[:3], jax.random.key(2), lr, np.int32(3))
+  padded, _, _ = step(params, opt_state, permutations, features.at[3].set(jnp.nan), jax.random.key(2), lr,
+                      np.int32(3))
+  for a, b in zip(jax.tree.leaves(padded), jax.tree.leaves(alone)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=lr * 1e-2)
+
+
+def test_a_short_last_batch_reuses_the_compiled_steps(encoder_variables):
+  """Ten images in batches of four: the last batch of two is padded (fiber_batch 8 fits every layer's
+  real fibers), so each layer compiles once, and its losses are those of its real steps only."""
+  config = dataclasses.replace(SMALL, fiber_batch=8)
+  model = model_lib.build(config)
+  assert train.pads_exactly(model, 2, 4) and not train.pads_exactly(model_lib.build(SMALL), 2, 4)
+  step = train.make_train_layer(model, sharding.train_layout(train.layer_costs(model)).split_mesh)
+  before = step._cache_size()
+
+  def batches(epoch):
+    for i in range(0, 10, 4):
+      yield IMAGES[i:min(i + 4, 10)]
+
+  state, history = train.fit(model, encoder_variables, batches, 3, progress=False, log=lambda s: None)
+  assert step._cache_size() - before == 3
+  assert history["fibers_per_epoch"] == 10 * sum(h * h for h in model.feature_sizes())
+  assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(state.params))
+  assert all(np.isfinite(history["epoch_loss"]))
