@@ -62,8 +62,9 @@ class Permutation(distrax.Bijector):
 
 
 def _dense(x, w, dtype):
-  """x @ w with its inputs rounded to `dtype` and the products summed in float32: bfloat16 runs ~1.4x
-  faster on CPUs with AMX (and on GPU / TPU matrix units), at ~3 significant digits per input."""
+  """x @ w with its inputs rounded to `dtype` and the products summed in float32: bfloat16 keeps ~3
+  significant digits per input and runs on AMX units (a large matmul ~4.6x float32's rate on this CPU;
+  scoring ~1.4x faster) and on GPU / TPU matrix units."""
   if jnp.dtype(dtype) == jnp.float32:
     return x @ w
   return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)

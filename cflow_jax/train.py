@@ -68,7 +68,7 @@ def _chunk_indices(key, n: int, config: Config, valid=None):
 
   With `drop_remainder` the n mod N leftover fibers are skipped (the original); otherwise the last chunk
   takes them (anomalib), so it is longer than N and gets its own step. With `valid` (traced) only the
-  first `valid` fibers are real (a short batch padded to the compiled shape, see `pads_exactly`): the
+  first `valid` fibers are real (a short batch padded to the compiled shape, see `padded_chunks`): the
   shuffle puts them first, in the order it gives them, and the steps past them are skipped.
   """
   order = jax.random.permutation(key, n)
@@ -180,8 +180,8 @@ def train_batch(model, layout: sharding.Layout, params, opt_states, permutations
                 valid_images: int | None = None):
   """One image batch for every decoder: (params, opt_states, losses), tuples over layers; `key_data` from
   `layer_key_data`, `lr` a host float; `valid_images`: how many of the batch's images are real (a short
-  batch padded to the compiled shape, `pads_exactly`; default all). Losses of skipped steps are zeros
-  after the real ones (`real_chunks`).
+  batch padded to the compiled shape, `padded_chunks`; default all). Losses of skipped steps are zeros
+  after the real ones.
 
   Each layer's step is dispatched where the layout puts its decoder and returns at once (JAX's
   asynchronous dispatch), so decoders on different devices train concurrently; reading a result waits.
@@ -194,23 +194,18 @@ def train_batch(model, layout: sharding.Layout, params, opt_states, permutations
   return tuple(o[0] for o in out), tuple(o[1] for o in out), tuple(o[2] for o in out)
 
 
-def pads_exactly(model, valid_images: int, batch_size: int) -> bool:
-  """Whether a short batch of `valid_images`, padded to `batch_size` images, trains on the steps it would
-  have taken alone (and so can reuse the full batches' compiled programs instead of compiling its own,
-  ~30 s at 256 px): each layer's real fibers fill at least one chunk, and leave no remainder where the
-  last chunk would take it (`drop_remainder` False)."""
-  config = model.config
+def padded_chunks(model, valid_images: int, batch_size: int) -> tuple[int, ...] | None:
+  """The steps each layer takes on a short batch of `valid_images` padded to `batch_size` images, or None
+  where padding would not train as the batch alone would (then it compiles its own programs, ~30 s at
+  256 px): each layer's real fibers must fill at least one chunk and, where the last chunk would take a
+  remainder (`drop_remainder` False), leave none."""
+  config, steps = model.config, []
   for h in model.feature_sizes():
     real, size = valid_images * h * h, min(config.fiber_batch, batch_size * h * h)
     if real < size or (not config.drop_remainder and real % size):
-      return False
-  return True
-
-
-def _padded_chunks(model, valid_images: int, batch_size: int) -> tuple[int, ...]:
-  """The steps each layer really takes on a short batch padded by `pads_exactly`'s rule."""
-  return tuple(valid_images * h * h // min(model.config.fiber_batch, batch_size * h * h)
-               for h in model.feature_sizes())
+      return None
+    steps.append(real // size)
+  return tuple(steps)
 
 
 def layer_costs(model) -> tuple[float, ...]:
@@ -291,12 +286,13 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
       cached = isinstance(images, tuple)  # features
       valid = len(images[0] if cached else images)
       full = valid if b == 0 else full  # the epoch's batches' size (only the last may be shorter)
-      real = (None,) * layers
-      if valid < full and pads_exactly(model, valid, full):
+      real = padded_chunks(model, valid, full) if valid < full else None
+      if real is not None:
         # A short last batch, padded with zeros to the others' size, reuses their compiled programs.
         pad = lambda x: np.concatenate([x, np.zeros((full - valid,) + x.shape[1:], x.dtype)])
         images = tuple(map(pad, images)) if cached else pad(images)
-        real = _padded_chunks(model, valid, full)
+      else:
+        real = (None,) * layers  # every loss is real
       if cached:
         features = tuple(layout.put_images(f) for f in images)
       else:

@@ -214,8 +214,9 @@ def _layer_step(fiber_batch):
 
 
 def test_a_padded_short_batch_trains_on_its_real_fibers_only():
-  """The last short batch of an epoch, padded to the others' size (`train.pads_exactly`), reuses their
-  compiled step. Padding with NaN: any padded fiber in a step would make the parameters NaN."""
+  """The last short batch of an epoch, padded to the others' size (`train.padded_chunks`), reuses their
+  compiled step. Padding with NaN: any padded fiber in a step would make the
+  parameters NaN."""
   step, params, permutations, features = _layer_step(fiber_batch=16)
   padded = features.at[3].set(jnp.nan)
   opt_state = train.make_optimizer().init(params)
@@ -241,7 +242,8 @@ def test_a_short_last_batch_reuses_the_compiled_steps(encoder_variables):
   real fibers), so each layer compiles once, and its losses are those of its real steps only."""
   config = dataclasses.replace(SMALL, fiber_batch=8)
   model = model_lib.build(config)
-  assert train.pads_exactly(model, 2, 4) and not train.pads_exactly(model_lib.build(SMALL), 2, 4)
+  assert train.padded_chunks(model, 2, 4) == (16, 4, 1)  # 2 * 8 * 8 / 8, 2 * 4 * 4 / 8, 2 * 2 * 2 / 8
+  assert train.padded_chunks(model_lib.build(SMALL), 2, 4) is None  # layer 3: 8 real fibers, chunks of 16
   step = train.make_train_layer(model, sharding.train_layout(train.layer_costs(model)).split_mesh)
   before = step._cache_size()
 
