@@ -112,7 +112,7 @@ def train_layer_fn(model, mesh=None):
       updates, s = optimizer.update(grads, s, p)
       return (optax.apply_updates(p, jax.tree.map(lambda u: -lr * u, updates)), s), loss
 
-    carry = flow.split_blocks((params, opt_state))
+    carry = flow.split_blocks((params, opt_state), config.condition_dim)
     if valid_images is None:
       main, last = _chunk_indices(key, fibers.shape[0], config)
       carry, losses = jax.lax.scan(step, carry, main)

@@ -178,3 +178,25 @@ def test_bfloat16_matmuls_keep_the_log_likelihoods_order():
   assert 0 < difference.max() < 0.01 * exact.std()  # really rounded, and by little
   ranks = lambda a: np.argsort(np.argsort(a))
   assert np.corrcoef(ranks(exact), ranks(rounded))[0, 1] > 0.9999  # Spearman's rank correlation
+
+
+def test_training_layout_round_trips_and_gives_the_same_log_likelihoods_and_gradients():
+  # The chunk loop carries decoders split into blocks and w1 into its rows (flow.split_blocks): that
+  # layout must be exact, and the flow on it must be the same function of the same parameters.
+  channels, condition_dim = 7, 6
+  params, permutations = _perturbed_decoder(channels, condition_dim, "hard", seed=7)
+  split = flow.split_blocks(params, condition_dim)
+  fiber_rows, condition_rows = split["w1"]
+  assert fiber_rows[0].shape == ((channels + 1) // 2, params["w1"].shape[-1])
+  assert condition_rows[0].shape == (condition_dim, params["w1"].shape[-1])
+  for a, b in zip(jax.tree.leaves(flow.stack_blocks(split)), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  x = jax.random.normal(jax.random.key(8), (5, channels))
+  c = jax.random.normal(jax.random.key(9), (5, condition_dim))
+  loss = lambda p: jnp.mean(flow.log_prob(p, permutations, x, c))
+  value, grads = jax.jit(jax.value_and_grad(loss))(params)
+  split_value, split_grads = jax.jit(jax.value_and_grad(loss))(split)
+  np.testing.assert_allclose(split_value, value, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(flow.stack_blocks(split_grads)), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(grads["w1"][:, -condition_dim:]).max()) > 0  # the condition's rows train too
