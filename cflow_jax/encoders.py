@@ -85,7 +85,7 @@ class Conv(nn.Module):
       x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
       pad = 0
     if winograd_pays:
-      y = winograd.conv3x3_valid(x, kernel)
+      y = winograd.conv3x3_valid(x.astype(jnp.float32), kernel, self.dtype)
     else:
       y = jax.lax.conv_general_dilated(
           x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
@@ -96,10 +96,10 @@ class Conv(nn.Module):
     return y
 
   def _winograd_pays(self, x) -> bool:
-    """Winograd's F(2x2, 3x3) for float32 3x3 stride-1 convolutions on the CPU, from WINOGRAD_CHANNELS
-    input channels up; accelerators' own convolutions already choose their algorithm."""
-    return (self.kernel_size == 3 and self.stride == 1 and jnp.dtype(self.dtype) == jnp.float32
-            and x.shape[-1] >= WINOGRAD_CHANNELS and jax.default_backend() == "cpu")
+    """Winograd's F(2x2, 3x3) for 3x3 stride-1 convolutions on the CPU, from WINOGRAD_CHANNELS input
+    channels up; accelerators' own convolutions already choose their algorithm."""
+    return (self.kernel_size == 3 and self.stride == 1 and x.shape[-1] >= WINOGRAD_CHANNELS
+            and jax.default_backend() == "cpu")
 
 
 # PyTorch's batch-norm epsilon; the statistics are the checkpoint's, never updated.

@@ -27,9 +27,10 @@ def _output_transform(m0, m1, m2, m3):
   return m0 + m1 + m2, m1 - m2 - m3
 
 
-def conv3x3_valid(x, kernel):
+def conv3x3_valid(x, kernel, dtype=jnp.float32):
   """A stride-1 3x3 convolution without padding: x (B, H + 2, W + 2, C), kernel (3, 3, C, K) HWIO ->
-  (B, H, W, K), float32. Pad x first (zeros or reflect) for a same-size output."""
+  (B, H, W, K), float32. Pad x first (zeros or reflect) for a same-size output. `dtype`: the inputs of
+  the transform-domain matmuls (bfloat16: rounded after the transforms, products summed in float32)."""
   b, hp, wp, c = x.shape
   h, w, k = hp - 2, wp - 2, kernel.shape[-1]
   # Odd outputs: one more row / column of zero input, cropped from the result.
@@ -45,7 +46,8 @@ def conv3x3_valid(x, kernel):
   dr = [_input_transform(*(d[i][j] for i in range(4))) for j in range(4)]
   v = [_input_transform(*(dr[j][a] for j in range(4))) for a in range(4)]
   v = jnp.stack([v[a][e] for a in range(4) for e in range(4)]).reshape(16, b * th * tw, c)
-  m = jnp.einsum("ntc,nck->ntk", v, u).reshape(4, 4, b, th, tw, k)
+  m = jnp.einsum("ntc,nck->ntk", v.astype(dtype), u.astype(dtype),
+                 preferred_element_type=jnp.float32).reshape(4, 4, b, th, tw, k)
   # Y = A^T M A per tile, (B, th, 2, tw, 2, K): along the tiles' rows, then their columns.
   top, bottom = _output_transform(*(m[a] for a in range(4)))
   y = jnp.stack([jnp.stack(_output_transform(*(half[e] for e in range(4))), axis=3)

@@ -25,6 +25,18 @@ def test_equals_direct_convolution(height, width, channels, features):
   np.testing.assert_allclose(ours, reference, atol=1e-5 * float(jnp.max(jnp.abs(reference))), rtol=0)
 
 
+def test_bfloat16_matmuls_round_the_transformed_tiles_only():
+  """dtype bfloat16 (the encoder's bfloat16 option): the transform-domain matmuls take bfloat16 inputs
+  and sum in float32, so the result moves by bfloat16 rounding (8-bit mantissa), no more."""
+  x = jax.random.normal(jax.random.key(0), (2, 10, 12, 64))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 64, 32))
+  reference = _direct_valid(x, kernel)
+  half = jax.jit(winograd.conv3x3_valid, static_argnums=2)(x, kernel, jnp.bfloat16)
+  assert half.dtype == jnp.float32
+  error = float(jnp.max(jnp.abs(half - reference)) / jnp.max(jnp.abs(reference)))
+  assert 1e-4 < error < 2e-2
+
+
 @pytest.mark.parametrize("padding", ["zeros", "reflect"])
 def test_encoder_features_are_the_same_with_and_without_winograd(padding, monkeypatch):
   """ResNet-18 at 64 px: layer3/layer4's 3x3 convolutions (256 and 512 channels) take Winograd's path on
@@ -35,7 +47,7 @@ def test_encoder_features_are_the_same_with_and_without_winograd(padding, monkey
   extract = lambda: jax.jit(lambda v, x: encoders.extract(module, spec, v, x))(variables, images)
   with_winograd = extract()
   calls = []
-  monkeypatch.setattr(winograd, "conv3x3_valid", lambda *a: calls.append(1) or _direct_valid(*a))
+  monkeypatch.setattr(winograd, "conv3x3_valid", lambda x, k, dtype: calls.append(1) or _direct_valid(x, k))
   extract()
   assert calls, "no convolution took the Winograd path"
   monkeypatch.setattr(encoders, "WINOGRAD_CHANNELS", 10 ** 9)
