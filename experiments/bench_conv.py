@@ -1,8 +1,8 @@
 """The encoder's convolutions on this machine: XLA's direct convolution against Winograd's F(2x2, 3x3)
-(`cflow_jax/winograd.py`), float32, and XLA's in bfloat16 (float32 accumulation); then whole encoders with
-Winograd from each channel threshold up (`encoders.WINOGRAD_CHANNELS`).
+(`cflow_jax/winograd.py`), both in float32 and in bfloat16 (float32 accumulation); then whole encoders with
+Winograd from each channel threshold up (`encoders.WINOGRAD_CHANNELS`), and with encoder_dtype bfloat16.
 
-    python experiments/bench_conv.py
+    python experiments/bench_conv.py [--part=encoders --backbones=vgg16_hed]
 
 Layers shaped like VGG16's at 256 px, one image (the CPU path encodes image by image). Variants alternate
 within each repetition and the median is kept, so a busy or noisy machine affects all alike. Prints
@@ -10,6 +10,7 @@ GFLOP/s of the direct convolution's FLOPs (Winograd does fewer) and the largest 
 float32 direct convolution; then images/s of each encoder.
 """
 
+import argparse
 import functools
 import time
 
@@ -49,7 +50,8 @@ def layers():
     x = jax.random.normal(key_x, (1, s + 2, s + 2, c))
     kernel = jax.random.normal(key_k, (3, 3, c, o)) / (3 * c ** 0.5)
     variants = {"direct f32": (jax.jit(direct), ()), "direct bf16": (jax.jit(direct, static_argnums=2), (jnp.bfloat16,)),
-                "winograd f32": (jax.jit(winograd.conv3x3_valid), ())}
+                "winograd f32": (jax.jit(winograd.conv3x3_valid), ()),
+                "winograd bf16": (jax.jit(winograd.conv3x3_valid, static_argnums=2), (jnp.bfloat16,))}
     reference = direct(x, kernel)
     flops = 2 * s * s * c * o * 9
     seconds = medians({n: functools.partial(f, x, kernel, *a) for n, (f, a) in variants.items()}, 9)
@@ -59,20 +61,31 @@ def layers():
             flush=True)
 
 
-def whole_encoders(batch=4):
+def whole_encoders(batch=4, backbones=("vgg16_hed", "wide_resnet50_2")):
   images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, 256, 256, 3), dtype=np.uint8))
-  for backbone in ("vgg16_hed", "wide_resnet50_2"):
+  for backbone in backbones:
     model = model_lib.build(Config(backbone=backbone, image_size=256))
     variables = encoders.init_variables(model.encoder, jax.random.key(0), 256)
     compiled = {}
     for name, channels in THRESHOLDS.items():
       encoders.WINOGRAD_CHANNELS = channels  # read while tracing
       compiled[name] = jax.jit(functools.partial(model_lib._encode, model)).lower(variables, images).compile()
+    # The encoder_dtype option: Winograd's matmuls (and the direct convolutions below 128 channels) in bf16.
+    encoders.WINOGRAD_CHANNELS = THRESHOLDS["winograd from 128"]
+    half = model_lib.build(Config(backbone=backbone, image_size=256, encoder_dtype="bfloat16"))
+    compiled["winograd from 128, bf16"] = jax.jit(functools.partial(model_lib._encode, half)).lower(
+        variables, images).compile()
     seconds = medians({n: functools.partial(f, variables, images) for n, f in compiled.items()}, 7)
     print(f"{backbone} at 256 px, images/s: " + ", ".join(f"{n} {batch / t:.2f}" for n, t in seconds.items()),
           flush=True)
 
 
 if __name__ == "__main__":
-  layers()
-  whole_encoders()
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--part", choices=("all", "layers", "encoders"), default="all")
+  parser.add_argument("--backbones", default="vgg16_hed,wide_resnet50_2", help="whole encoders to time")
+  args = parser.parse_args()
+  if args.part in ("all", "layers"):
+    layers()
+  if args.part in ("all", "encoders"):
+    whole_encoders(backbones=args.backbones.split(","))
