@@ -64,8 +64,9 @@ _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 class Conv(nn.Module):
   """A bias-optional square convolution with PyTorch's symmetric padding, zeros or reflect.
 
-  Inputs and kernel are cast to `dtype` and the products accumulate in float32, so bfloat16 halves the
-  convolution cost without drifting through 50 layers. The kernel is stored in float32, HWIO.
+  Inputs and kernel are cast to `dtype` (on Winograd's path: the transformed tiles and kernel) and the
+  products accumulate in float32, so bfloat16 cuts the convolution cost without drifting through 50
+  layers. The kernel is stored in float32, HWIO.
   """
   features: int
   kernel_size: int
