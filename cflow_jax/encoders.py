@@ -54,10 +54,14 @@ SPECS = {
 }
 PADDINGS = ("zeros", "reflect")
 _HE_NORMAL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
-# Input channels from which a 3x3 convolution runs as Winograd's F(2x2, 3x3) on the CPU: there the whole
-# vgg16_hed encoder runs 1.3-1.6x and wide_resnet50_2 1.1-1.3x faster than with XLA's direct convolutions
-# at 256 px; 64 or 256 do no better (experiments/bench_conv.py).
+# Where a 3x3 stride-1 convolution runs as Winograd's minimal filtering on the CPU
+# (experiments/bench_conv.py, one image at a time as the CPU path encodes): F(4x4, 3x3) on maps from
+# WINOGRAD_4X4_SIZE pixels a side with WINOGRAD_4X4_CHANNELS input channels or more (1.1-1.9x faster than
+# F(2x2) or XLA's direct convolution there; on smaller maps its 36 transformed kernels outweigh the tiles),
+# F(2x2, 3x3) elsewhere from WINOGRAD_CHANNELS input channels.
 WINOGRAD_CHANNELS = 128
+WINOGRAD_4X4_CHANNELS = 128
+WINOGRAD_4X4_SIZE = 128
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
@@ -79,14 +83,17 @@ class Conv(nn.Module):
   def __call__(self, x):
     k = self.kernel_size
     kernel = self.param("kernel", _HE_NORMAL, (k, k, x.shape[-1], self.features))
-    winograd_pays = self._winograd_pays(x)
+    output_tile = self._winograd_tile(x)
     pad = (k - 1) // 2
-    if pad and (self.padding == "reflect" or winograd_pays):  # both take an input padded beforehand
+    if pad and (self.padding == "reflect" or output_tile):  # both take an input padded beforehand
       mode = "reflect" if self.padding == "reflect" else "constant"
       x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
       pad = 0
-    if winograd_pays:
-      y = winograd.conv3x3_valid(x.astype(jnp.float32), kernel, self.dtype)
+    if output_tile:
+      # F(4x4)'s transforms scale tiles by up to 8, too much for bfloat16's 8 bits (errors of 7e-2): its
+      # matmuls stay float32, which is still faster than F(2x2) in bfloat16 on the maps where it is chosen.
+      dtype = jnp.float32 if output_tile == 4 else self.dtype
+      y = winograd.conv3x3_valid(x.astype(jnp.float32), kernel, dtype, output_tile)
     else:
       y = jax.lax.conv_general_dilated(
           x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
@@ -96,11 +103,15 @@ class Conv(nn.Module):
       y = y + self.param("bias", nn.initializers.zeros, (self.features,))
     return y
 
-  def _winograd_pays(self, x) -> bool:
-    """Winograd's F(2x2, 3x3) for 3x3 stride-1 convolutions on the CPU, from WINOGRAD_CHANNELS input
-    channels up; accelerators' own convolutions already choose their algorithm."""
-    return (self.kernel_size == 3 and self.stride == 1 and x.shape[-1] >= WINOGRAD_CHANNELS
-            and jax.default_backend() == "cpu")
+  def _winograd_tile(self, x) -> int:
+    """m of Winograd's F(m x m, 3x3) for this convolution, 0 for XLA's direct one: Winograd only for 3x3
+    stride-1 convolutions on the CPU; accelerators' own convolutions already choose their algorithm."""
+    if self.kernel_size != 3 or self.stride != 1 or jax.default_backend() != "cpu":
+      return 0
+    channels, size = x.shape[-1], min(x.shape[1:3])
+    if self.dtype == jnp.float32 and channels >= WINOGRAD_4X4_CHANNELS and size >= WINOGRAD_4X4_SIZE:
+      return 4
+    return 2 if channels >= WINOGRAD_CHANNELS else 0
 
 
 # PyTorch's batch-norm epsilon; the statistics are the checkpoint's, never updated.

@@ -1,6 +1,6 @@
-"""The encoder's convolutions on this machine: XLA's direct convolution against Winograd's F(2x2, 3x3)
-(`cflow_jax/winograd.py`), both in float32 and in bfloat16 (float32 accumulation); then whole encoders with
-Winograd from each channel threshold up (`encoders.WINOGRAD_CHANNELS`), and with encoder_dtype bfloat16.
+"""The encoder's convolutions on this machine: XLA's direct convolution against Winograd's F(2x2, 3x3) and
+F(4x4, 3x3) (`cflow_jax/winograd.py`), in float32 and in bfloat16 (float32 accumulation); then whole
+encoders under each choice of algorithm (`encoders.WINOGRAD_*`), and with encoder_dtype bfloat16.
 
     python experiments/bench_conv.py [--part=encoders --backbones=vgg16_hed]
 
@@ -22,8 +22,13 @@ from jax import lax
 from cflow_jax import encoders, model as model_lib, winograd
 from cflow_jax.config import Config
 
-LAYERS = ((256, 64, 64), (128, 128, 128), (64, 256, 256), (32, 512, 512), (16, 512, 512))  # size, in, out
-THRESHOLDS = {"direct": 10 ** 9, "winograd from 256": 256, "winograd from 128": 128, "winograd from 64": 64}
+LAYERS = ((256, 64, 64), (128, 64, 128), (128, 128, 128), (64, 256, 256), (32, 512, 512),
+          (16, 512, 512))  # size, in, out
+# Whole-encoder choices: (WINOGRAD_CHANNELS, WINOGRAD_4X4_CHANNELS, WINOGRAD_4X4_SIZE), read while tracing.
+NEVER = 10 ** 9
+POLICIES = {"direct": (NEVER, NEVER, NEVER), "2x2 from 128 ch": (128, NEVER, NEVER),
+            "4x4 from 64 px and 64 ch, else 2x2 from 128 ch (default)": (128, 64, 64),
+            "4x4 from 32 px and 64 ch, else 2x2 from 128 ch": (128, 64, 32)}
 
 
 def direct(x, kernel, dtype=jnp.float32):
@@ -51,13 +56,14 @@ def layers():
     kernel = jax.random.normal(key_k, (3, 3, c, o)) / (3 * c ** 0.5)
     variants = {"direct f32": (jax.jit(direct), ()), "direct bf16": (jax.jit(direct, static_argnums=2), (jnp.bfloat16,)),
                 "winograd f32": (jax.jit(winograd.conv3x3_valid), ()),
-                "winograd bf16": (jax.jit(winograd.conv3x3_valid, static_argnums=2), (jnp.bfloat16,))}
+                "winograd bf16": (jax.jit(winograd.conv3x3_valid, static_argnums=2), (jnp.bfloat16,)),
+                "winograd4 f32": (jax.jit(winograd.conv3x3_valid, static_argnums=(2, 3)), (jnp.float32, 4))}
     reference = direct(x, kernel)
     flops = 2 * s * s * c * o * 9
     seconds = medians({n: functools.partial(f, x, kernel, *a) for n, (f, a) in variants.items()}, 9)
     for name, (f, a) in variants.items():
       error = float(jnp.max(jnp.abs(f(x, kernel, *a) - reference)) / jnp.max(jnp.abs(reference)))
-      print(f"{s}x{s}x{c}->{o}  {name:13s} {flops / seconds[name] / 1e9:7.1f} GFLOP/s  max rel. error {error:.1e}",
+      print(f"{s}x{s}x{c}->{o}  {name:14s} {flops / seconds[name] / 1e9:7.1f} GFLOP/s  max rel. error {error:.1e}",
             flush=True)
 
 
@@ -67,17 +73,18 @@ def whole_encoders(batch=4, backbones=("vgg16_hed", "wide_resnet50_2")):
     model = model_lib.build(Config(backbone=backbone, image_size=256))
     variables = encoders.init_variables(model.encoder, jax.random.key(0), 256)
     compiled = {}
-    for name, channels in THRESHOLDS.items():
-      encoders.WINOGRAD_CHANNELS = channels  # read while tracing
+    for name, policy in POLICIES.items():
+      encoders.WINOGRAD_CHANNELS, encoders.WINOGRAD_4X4_CHANNELS, encoders.WINOGRAD_4X4_SIZE = policy
       compiled[name] = jax.jit(functools.partial(model_lib._encode, model)).lower(variables, images).compile()
-    # The encoder_dtype option: Winograd's matmuls (and the direct convolutions below 128 channels) in bf16.
-    encoders.WINOGRAD_CHANNELS = THRESHOLDS["winograd from 128"]
+    # The encoder_dtype option: F(2x2)'s matmuls and the direct convolutions in bf16 (F(4x4)'s stay f32).
     half = model_lib.build(Config(backbone=backbone, image_size=256, encoder_dtype="bfloat16"))
-    compiled["winograd from 128, bf16"] = jax.jit(functools.partial(model_lib._encode, half)).lower(
-        variables, images).compile()
+    for name in [n for n in ("2x2 from 128 ch", "4x4 from 64 px and 64 ch, else 2x2 from 128 ch (default)") if n in POLICIES]:
+      encoders.WINOGRAD_CHANNELS, encoders.WINOGRAD_4X4_CHANNELS, encoders.WINOGRAD_4X4_SIZE = POLICIES[name]
+      compiled[name + ", bf16"] = jax.jit(functools.partial(model_lib._encode, half)).lower(
+          variables, images).compile()
     seconds = medians({n: functools.partial(f, variables, images) for n, f in compiled.items()}, 7)
-    print(f"{backbone} at 256 px, images/s: " + ", ".join(f"{n} {batch / t:.2f}" for n, t in seconds.items()),
-          flush=True)
+    for name, t in seconds.items():
+      print(f"{backbone} at 256 px, {name}: {batch / t:.2f} images/s", flush=True)
 
 
 if __name__ == "__main__":
