@@ -106,32 +106,46 @@ def train_layer_fn(model, mesh=None):
       log_p = flow.log_prob(p, permutations, x, c, config.clamp)
       return flow.nll_loss(log_p, channels)
 
-    def step(carry, idx):
-      p, s = carry
-      loss, grads = jax.value_and_grad(loss_fn)(p, idx)
+    def update(p, s, grads):
       updates, s = optimizer.update(grads, s, p)
-      return (optax.apply_updates(p, jax.tree.map(lambda u: -lr * u, updates)), s), loss
+      return optax.apply_updates(p, jax.tree.map(lambda u: -lr * u, updates)), s
 
-    carry = flow.split_blocks((params, opt_state), config.condition_dim)
-    if valid_images is None:
-      main, last = _chunk_indices(key, fibers.shape[0], config)
-      carry, losses = jax.lax.scan(step, carry, main)
+    # Each step in the loop applies the previous step's gradient, then takes its own, so the weights its
+    # matmuls read are written only by the next step's update. Updating after the backward pass made XLA
+    # copy every weight at the start of each step (an in-place update is not ordered after the backward
+    # matmuls that read the weight without feeding its own gradient). The first gradient is taken before
+    # the loop and the last one applied after it.
+    def step(carry, idx):
+      p, s, grads = carry
+      p, s = update(p, s, grads)
+      loss, grads = jax.value_and_grad(loss_fn)(p, idx)
+      return (p, s, grads), loss
+
+    p, s = flow.split_blocks((params, opt_state), config.condition_dim)
+    # With a traced count of real images, full and padded short batches share one compiled program.
+    valid = None if valid_images is None else valid_images * h * w
+    main, last = _chunk_indices(key, fibers.shape[0], config, valid)
+    if not len(main):  # a single chunk, longer than N (never padded: `padded_chunks`)
+      main, last = last[None], None
+    first_loss, grads = jax.value_and_grad(loss_fn)(p, main[0])
+    carry = (p, s, grads)
+    if valid is None:
+      carry, losses = jax.lax.scan(step, carry, main[1:])
+      losses = jnp.concatenate([first_loss[None], losses])
     else:
-      # A traced count of real images: full and padded short batches share one compiled program.
-      valid = valid_images * h * w
-      main, last = _chunk_indices(key, fibers.shape[0], config, valid)
-      steps = jnp.maximum(valid // main.shape[1], 1)
-
       def body(i, loop):
         carry, losses = loop
         carry, loss = step(carry, main[i])
         return carry, losses.at[i].set(loss)
 
-      carry, losses = jax.lax.fori_loop(0, steps, body, (carry, jnp.zeros(len(main))))
+      steps = jnp.maximum(valid // main.shape[1], 1)
+      losses = jnp.zeros(len(main)).at[0].set(first_loss)
+      carry, losses = jax.lax.fori_loop(1, steps, body, (carry, losses))
     if last is not None:
       full = True if valid_images is None else valid_images == b
       carry, last_loss = jax.lax.cond(full, step, lambda c, _: (c, jnp.zeros(())), carry, last)
       losses = jnp.concatenate([losses, last_loss[None]])
+    carry = update(*carry)
     params, opt_state = flow.stack_blocks(carry)
     return params, opt_state, losses
 
@@ -198,11 +212,14 @@ def padded_chunks(model, valid_images: int, batch_size: int) -> tuple[int, ...] 
   """The steps each layer takes on a short batch of `valid_images` padded to `batch_size` images, or None
   where padding would not train as the batch alone would (then it compiles its own programs, ~30 s at
   256 px): each layer's real fibers must fill at least one chunk and, where the last chunk would take a
-  remainder (`drop_remainder` False), leave none."""
+  remainder (`drop_remainder` False), leave none, and a full batch must not be one chunk longer than N
+  (whose fibers a padded batch cannot tell apart)."""
   config, steps = model.config, []
   for h in model.feature_sizes():
-    real, size = valid_images * h * h, min(config.fiber_batch, batch_size * h * h)
-    if real < size or (not config.drop_remainder and real % size):
+    full, real = batch_size * h * h, valid_images * h * h
+    size = min(config.fiber_batch, full)
+    one_long_chunk = size < full < 2 * size
+    if real < size or (not config.drop_remainder and (real % size or one_long_chunk)):
       return None
     steps.append(real // size)
   return tuple(steps)

@@ -131,7 +131,7 @@ def test_an_image_batch_follows_anomalibs_training_loop(monkeypatch):
   n, perm = int(ref["fiber_batch"]), jnp.asarray(ref["perm"], jnp.int32)
   k = len(perm) // n
   monkeypatch.setattr(train, "_chunk_indices",
-                      lambda key, length, config: (perm[:(k - 1) * n].reshape(k - 1, n), perm[(k - 1) * n:]))
+                      lambda key, length, config, valid=None: (perm[:(k - 1) * n].reshape(k - 1, n), perm[(k - 1) * n:]))
   config = Config(condition_dim=8, coupling_blocks=3, fiber_batch=n, drop_remainder=False)
   train_layer = jax.jit(train.train_layer_fn(types.SimpleNamespace(config=config)))
   names = ("w1", "b1", "w2", "b2", "global_scale", "global_offset")
@@ -211,6 +211,51 @@ def _layer_step(fiber_batch):
   params, permutations = flow.init_decoder(jax.random.key(0), 16, 8, 2)
   features = jax.random.normal(jax.random.key(1), (4, 4, 4, 16))
   return step, params, permutations, features
+
+
+@pytest.mark.parametrize("fiber_batch,drop_remainder", [(20, False), (20, True), (48, False), (64, False)])
+def test_the_chunk_loop_is_one_adam_step_per_chunk_in_order(fiber_batch, drop_remainder):
+  """The compiled loop (each step applies the previous step's gradient before taking its own) against
+  plain Adam steps one chunk after another: several chunks and a longer last one, the remainder dropped,
+  a single chunk longer than N (64 fibers, N = 48), and a single chunk of exactly N."""
+  config = Config(condition_dim=8, coupling_blocks=2, fiber_batch=fiber_batch, drop_remainder=drop_remainder)
+  step = jax.jit(train.train_layer_fn(types.SimpleNamespace(config=config)))
+  params, permutations = flow.init_decoder(jax.random.key(0), 16, 8, 2)
+  features = jax.random.normal(jax.random.key(1), (4, 4, 4, 16))
+  key, lr = jax.random.key(2), np.float32(1e-3)
+  final, _, losses = step(params, train.make_optimizer().init(params), permutations, features, key, lr)
+
+  x, c = model_lib.fibers_and_condition(features, config.condition_dim)
+  main, last = train._chunk_indices(key, x.shape[0], config)
+  chunks = list(main) + ([] if last is None else [last])
+  adam = optax.adam(lr)
+  expected, adam_state, expected_losses = params, adam.init(params), []
+  for idx in chunks:
+    loss_fn = lambda p: flow.nll_loss(flow.log_prob(p, permutations, x[idx], c[idx], config.clamp), 16)
+    loss, grads = jax.value_and_grad(loss_fn)(expected)
+    updates, adam_state = adam.update(grads, adam_state)
+    expected, expected_losses = optax.apply_updates(expected, updates), expected_losses + [loss]
+  np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
+  for a, b, start in zip(jax.tree.leaves(final), jax.tree.leaves(expected), jax.tree.leaves(params)):
+    assert np.abs(np.asarray(b) - np.asarray(start)).max() > lr / 2  # every parameter moved
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=lr * 1e-2)
+
+
+def test_one_chunk_longer_than_n_trains_through_the_padded_batches_program():
+  """The program `train_batch` runs (with a count of real images) on a layer whose fibers make a single
+  chunk longer than N: one Adam step on all of them; `padded_chunks` never pads such a batch."""
+  config = Config(condition_dim=8, coupling_blocks=2, fiber_batch=48, drop_remainder=False)
+  model = types.SimpleNamespace(config=config, feature_sizes=lambda: (4,))
+  step = jax.jit(train.train_layer_fn(model))
+  params, permutations = flow.init_decoder(jax.random.key(0), 16, 8, 2)
+  features = jax.random.normal(jax.random.key(1), (4, 4, 4, 16))  # 64 fibers
+  args = (params, train.make_optimizer().init(params), permutations, features, jax.random.key(2),
+          np.float32(1e-3))
+  final, state, losses = step(*args, np.int32(4))
+  assert int(state.count) == 1 and losses.shape == (1,)
+  for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(step(*args)[0])):  # the plain loop's step
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+  assert train.padded_chunks(model, 3, 4) is None  # 48 real fibers would fill a chunk of 48
 
 
 def test_a_padded_short_batch_trains_on_its_real_fibers_only():
