@@ -54,11 +54,12 @@ SPECS = {
 }
 PADDINGS = ("zeros", "reflect")
 _HE_NORMAL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
-# Where a 3x3 stride-1 convolution runs as Winograd's minimal filtering on the CPU
-# (experiments/bench_conv.py, one image at a time as the CPU path encodes): F(4x4, 3x3) on maps from
-# WINOGRAD_4X4_SIZE pixels a side with WINOGRAD_4X4_CHANNELS input channels or more (1.1-1.9x faster than
-# F(2x2) or XLA's direct convolution there; on smaller maps its 36 transformed kernels outweigh the tiles),
-# F(2x2, 3x3) elsewhere from WINOGRAD_CHANNELS input channels.
+# Where a 3x3 stride-1 convolution runs as Winograd's minimal filtering on the CPU (one image at a time, as
+# the CPU path encodes; experiments/bench_conv.py): F(4x4, 3x3) on maps from WINOGRAD_4X4_SIZE pixels a side
+# with WINOGRAD_4X4_CHANNELS input channels or more (vgg16_hed's block2_conv2: the whole encoder 1.02-1.07x
+# faster than with F(2x2) there), F(2x2, 3x3) elsewhere from WINOGRAD_CHANNELS input channels. On smaller
+# maps F(4x4)'s 36 transformed kernels outweigh its fewer tiles; on 64-channel maps the layers alone ran
+# faster as F(4x4) but the whole encoder slower.
 WINOGRAD_CHANNELS = 128
 WINOGRAD_4X4_CHANNELS = 128
 WINOGRAD_4X4_SIZE = 128
@@ -90,10 +91,7 @@ class Conv(nn.Module):
       x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
       pad = 0
     if output_tile:
-      # F(4x4)'s transforms scale tiles by up to 8, too much for bfloat16's 8 bits (errors of 7e-2): its
-      # matmuls stay float32, which is still faster than F(2x2) in bfloat16 on the maps where it is chosen.
-      dtype = jnp.float32 if output_tile == 4 else self.dtype
-      y = winograd.conv3x3_valid(x.astype(jnp.float32), kernel, dtype, output_tile)
+      y = winograd.conv3x3_valid(x.astype(jnp.float32), kernel, self.dtype, output_tile)
     else:
       y = jax.lax.conv_general_dilated(
           x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
@@ -105,7 +103,9 @@ class Conv(nn.Module):
 
   def _winograd_tile(self, x) -> int:
     """m of Winograd's F(m x m, 3x3) for this convolution, 0 for XLA's direct one: Winograd only for 3x3
-    stride-1 convolutions on the CPU; accelerators' own convolutions already choose their algorithm."""
+    stride-1 convolutions on the CPU (accelerators' own convolutions already choose their algorithm), and
+    F(4x4) only in float32: its transforms scale the tiles by up to 8, too much for bfloat16's 8 bits
+    (errors of 7e-2 of the output's largest value, against 4e-3 for F(2x2))."""
     if self.kernel_size != 3 or self.stride != 1 or jax.default_backend() != "cpu":
       return 0
     channels, size = x.shape[-1], min(x.shape[1:3])

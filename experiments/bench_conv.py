@@ -26,9 +26,10 @@ LAYERS = ((256, 64, 64), (128, 64, 128), (128, 128, 128), (64, 256, 256), (32, 5
           (16, 512, 512))  # size, in, out
 # Whole-encoder choices: (WINOGRAD_CHANNELS, WINOGRAD_4X4_CHANNELS, WINOGRAD_4X4_SIZE), read while tracing.
 NEVER = 10 ** 9
-POLICIES = {"direct": (NEVER, NEVER, NEVER), "2x2 from 128 ch": (128, NEVER, NEVER),
-            "4x4 from 64 px and 64 ch, else 2x2 from 128 ch (default)": (128, 64, 64),
-            "4x4 from 32 px and 64 ch, else 2x2 from 128 ch": (128, 64, 32)}
+DEFAULT = "4x4 from 128 px and 128 ch, else 2x2 from 128 ch (default)"
+POLICIES = {"direct": (NEVER, NEVER, NEVER), "2x2 from 128 ch": (128, NEVER, NEVER), DEFAULT: (128, 128, 128),
+            "4x4 from 64 px and 128 ch, else 2x2 from 128 ch": (128, 128, 64),
+            "4x4 from 64 px and 64 ch, else 2x2 from 128 ch": (128, 64, 64)}
 
 
 def direct(x, kernel, dtype=jnp.float32):
@@ -76,12 +77,11 @@ def whole_encoders(batch=4, backbones=("vgg16_hed", "wide_resnet50_2")):
     for name, policy in POLICIES.items():
       encoders.WINOGRAD_CHANNELS, encoders.WINOGRAD_4X4_CHANNELS, encoders.WINOGRAD_4X4_SIZE = policy
       compiled[name] = jax.jit(functools.partial(model_lib._encode, model)).lower(variables, images).compile()
-    # The encoder_dtype option: F(2x2)'s matmuls and the direct convolutions in bf16 (F(4x4)'s stay f32).
+    # The encoder_dtype option: F(2x2)'s matmuls and the direct convolutions in bf16 (never F(4x4)).
+    encoders.WINOGRAD_CHANNELS, encoders.WINOGRAD_4X4_CHANNELS, encoders.WINOGRAD_4X4_SIZE = POLICIES[DEFAULT]
     half = model_lib.build(Config(backbone=backbone, image_size=256, encoder_dtype="bfloat16"))
-    for name in [n for n in ("2x2 from 128 ch", "4x4 from 64 px and 64 ch, else 2x2 from 128 ch (default)") if n in POLICIES]:
-      encoders.WINOGRAD_CHANNELS, encoders.WINOGRAD_4X4_CHANNELS, encoders.WINOGRAD_4X4_SIZE = POLICIES[name]
-      compiled[name + ", bf16"] = jax.jit(functools.partial(model_lib._encode, half)).lower(
-          variables, images).compile()
+    compiled["encoder_dtype bfloat16"] = jax.jit(functools.partial(model_lib._encode, half)).lower(
+        variables, images).compile()
     seconds = medians({n: functools.partial(f, variables, images) for n, f in compiled.items()}, 7)
     for name, t in seconds.items():
       print(f"{backbone} at 256 px, {name}: {batch / t:.2f} images/s", flush=True)
