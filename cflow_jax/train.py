@@ -106,6 +106,8 @@ def train_layer_fn(model, mesh=None):
       log_p = flow.log_prob(p, permutations, x, c, config.clamp)
       return flow.nll_loss(log_p, channels)
 
+    loss_and_grads = jax.value_and_grad(loss_fn)
+
     def update(p, s, grads):
       updates, s = optimizer.update(grads, s, p)
       return optax.apply_updates(p, jax.tree.map(lambda u: -lr * u, updates)), s
@@ -118,7 +120,7 @@ def train_layer_fn(model, mesh=None):
     def step(carry, idx):
       p, s, grads = carry
       p, s = update(p, s, grads)
-      loss, grads = jax.value_and_grad(loss_fn)(p, idx)
+      loss, grads = loss_and_grads(p, idx)
       return (p, s, grads), loss
 
     p, s = flow.split_blocks((params, opt_state), config.condition_dim)
@@ -127,7 +129,7 @@ def train_layer_fn(model, mesh=None):
     main, last = _chunk_indices(key, fibers.shape[0], config, valid)
     if not len(main):  # a single chunk, longer than N (never padded: `padded_chunks`)
       main, last = last[None], None
-    first_loss, grads = jax.value_and_grad(loss_fn)(p, main[0])
+    first_loss, grads = loss_and_grads(p, main[0])
     carry = (p, s, grads)
     if valid is None:
       carry, losses = jax.lax.scan(step, carry, main[1:])

@@ -130,8 +130,8 @@ def test_an_image_batch_follows_anomalibs_training_loop(monkeypatch):
       pathlib.Path(__file__).parent / "fixtures" / "flow_reference.npz").items() if k.startswith("training/")}
   n, perm = int(ref["fiber_batch"]), jnp.asarray(ref["perm"], jnp.int32)
   k = len(perm) // n
-  monkeypatch.setattr(train, "_chunk_indices",
-                      lambda key, length, config, valid=None: (perm[:(k - 1) * n].reshape(k - 1, n), perm[(k - 1) * n:]))
+  monkeypatch.setattr(train, "_chunk_indices", lambda key, length, config, valid=None: (
+      perm[:(k - 1) * n].reshape(k - 1, n), perm[(k - 1) * n:]))
   config = Config(condition_dim=8, coupling_blocks=3, fiber_batch=n, drop_remainder=False)
   train_layer = jax.jit(train.train_layer_fn(types.SimpleNamespace(config=config)))
   names = ("w1", "b1", "w2", "b2", "global_scale", "global_offset")
