@@ -5,7 +5,7 @@ One decoder per tapped encoder layer. A decoder is `coupling_blocks` identical b
 
     block = Permutation o GlobalAffine o ConditionalAffineCoupling
 
-written as distrax bijectors on a single fiber (an event of C channels) and vmapped over fibers. Block
+written as distrax bijectors on fibers (events of C channels), applied to a chunk of fibers at once. Block
 parameters are stacked along a leading axis (or split into per-block tuples while training, see
 `split_blocks`) and the blocks are applied in an unrolled loop.
 
@@ -64,10 +64,51 @@ class Permutation(distrax.Bijector):
 def _dense(x, w, dtype):
   """x @ w with its inputs rounded to `dtype` and the products summed in float32: bfloat16 keeps ~3
   significant digits per input and runs on AMX units (a large matmul ~4.6x float32's rate on this CPU;
-  scoring ~1.4x faster) and on GPU / TPU matrix units."""
+  scoring ~1.4x faster) and on GPU / TPU matrix units. Its gradients are bfloat16 matmuls too
+  (`_mixed_matmul`)."""
   if jnp.dtype(dtype) == jnp.float32:
     return x @ w
+  return _mixed_matmul(x, w, jnp.dtype(dtype))
+
+
+def _row_major_transpose(a):
+  """a.T of a matrix, written out. XLA folds a plain transpose into the matmul that reads it, and the
+  CPU's bfloat16 matmuls (AMX) take only untransposed row-major operands: a folded one is run in float32
+  on Eigen instead (~5x slower). A transpose through a unit axis is not folded."""
+  m, n = a.shape
+  return a.reshape(m, n, 1).transpose(1, 0, 2).reshape(n, m)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _mixed_matmul(x, w, dtype):
+  """x (..., a) @ w (a, b) with inputs in `dtype` and float32 sums, forward and backward.
+
+  Autodiff would transpose the product into matmuls of a float32 cotangent with the rounded operands,
+  which XLA runs in float32 after casting every weight once more; here each weight is rounded once per
+  step, and the cotangent is rounded too (as mixed-precision training does), so all three matmuls of a
+  step take the fast path. The weight's gradient is one matmul over all rows of x: apply this to whole
+  chunks of fibers (vmapped per fiber, the per-fiber gradients would be formed and summed).
+  """
   return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _mixed_matmul_fwd(x, w, dtype):
+  x, w = x.astype(dtype), w.astype(dtype)
+  return jnp.matmul(x, w, preferred_element_type=jnp.float32), (x, w)
+
+
+def _mixed_matmul_bwd(dtype, residuals, g):
+  x, w = residuals
+  rows = lambda a: a.reshape(-1, a.shape[-1])
+  g = rows(g).astype(dtype)
+  # dx = g w^T as (w g^T)^T: transposing the chunk's cotangent is cheaper than transposing the weight
+  # (N = 64 rows against a weight's hundreds).
+  dx = _row_major_transpose(jnp.matmul(w, _row_major_transpose(g), preferred_element_type=jnp.float32))
+  dw = jnp.matmul(_row_major_transpose(rows(x)), g, preferred_element_type=jnp.float32)
+  return dx.reshape(x.shape), dw
+
+
+_mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 
 
 def coupling_block(block, permutation, condition, clamp, dtype=jnp.float32):
@@ -102,8 +143,8 @@ def coupling_block(block, permutation, condition, clamp, dtype=jnp.float32):
   return distrax.Chain([Permutation(permutation), global_affine, coupling])  # applied right to left
 
 
-def _flow_one_fiber(params, permutations, x, condition, clamp, inverse, dtype):
-  """Runs all blocks on one fiber x (C,) with condition (P,); returns (output, log-det)."""
+def _flow(params, permutations, x, condition, clamp, inverse, dtype):
+  """Runs all blocks on fibers x (..., C) with conditions (..., P); returns (output, log-det (...))."""
   # A Python loop (an unrolled scan): the blocks compile as one straight-line program that XLA fuses
   # across block borders; training at small N is overhead-bound and runs ~1.2x faster so on the CPU.
   order = range(num_blocks(params))
@@ -180,13 +221,14 @@ def num_blocks(params) -> int:
 
 
 def _over_fibers(params, permutations, x, condition, clamp, inverse, dtype):
-  """The flow vmapped over fibers x (N, C) with conditions (N, P), or over x (N, K, C) whose K fibers
-  share one condition (N, P): an inner vmap leaves the condition unbatched, so its projection in every
-  block is computed once per condition instead of once per fiber."""
-  one = lambda x, c: _flow_one_fiber(params, permutations, x, c, clamp, inverse, dtype)
+  """The flow on fibers x (N, C) with conditions (N, P), as matrices: each subnet Linear is one matmul
+  over the chunk, and so is its weight gradient (`_mixed_matmul`). Or on x (N, K, C) whose K fibers share
+  one condition (N, P): vmapped over N and K, where the inner vmap leaves the condition unbatched, so its
+  projection in every block is computed once per condition instead of once per fiber."""
   if x.ndim == 3:
+    one = lambda x, c: _flow(params, permutations, x, c, clamp, inverse, dtype)
     return jax.vmap(jax.vmap(one, in_axes=(0, None)))(x, condition)
-  return jax.vmap(one)(x, condition)
+  return _flow(params, permutations, x, condition, clamp, inverse, dtype)
 
 
 def forward(params, permutations, fibers, condition, clamp=1.9, dtype=jnp.float32):
