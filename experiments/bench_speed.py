@@ -28,6 +28,7 @@ flags.DEFINE_integer("image_size", 256, "Input size.")
 flags.DEFINE_integer("batch_size", 8, "Images per batch.")
 flags.DEFINE_integer("fiber_batch", 256, "Fibers per optimiser step (N).")
 flags.DEFINE_enum("encoder_dtype", "float32", ["float32", "bfloat16"], "Encoder precision.")
+flags.DEFINE_enum("train_dtype", "float32", ["float32", "bfloat16"], "The flows' matmul inputs in training.")
 flags.DEFINE_bool("random_weights", False, "Random encoder weights (speed only; no download needed).")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (the best is kept).")
 flags.DEFINE_string("out", None, "Write the figures to this JSON file.")
@@ -60,7 +61,8 @@ def matmul_rate(dtype, repeats, n=4096):
 
 def main(_):
   config = Config(backbone=FLAGS.backbone, image_size=FLAGS.image_size, batch_size=FLAGS.batch_size,
-                  fiber_batch=FLAGS.fiber_batch, encoder_dtype=FLAGS.encoder_dtype, rotation=0.0)
+                  fiber_batch=FLAGS.fiber_batch, encoder_dtype=FLAGS.encoder_dtype,
+                  train_dtype=FLAGS.train_dtype, rotation=0.0)
   model = model_lib.build(config)
   if FLAGS.random_weights:
     variables = encoders.init_variables(model.encoder, jax.random.key(0), config.image_size)
@@ -91,7 +93,8 @@ def main(_):
                                            FLAGS.repeats)
   figures = {
       "backbone": config.backbone, "image_size": s, "batch_size": b, "fiber_batch": config.fiber_batch,
-      "encoder_dtype": config.encoder_dtype, "devices": [str(d) for d in jax.devices()],
+      "encoder_dtype": config.encoder_dtype,
+      "train_dtype": config.train_dtype, "devices": [str(d) for d in jax.devices()],
       "decoder_devices": (["all, data parallel"] if layout.decoders is None
                           else [str(d.device_set.pop()) for d in layout.decoders]),
       "matmul_f32_gflops": matmul_rate(jnp.float32, FLAGS.repeats) / 1e9,
@@ -131,6 +134,9 @@ def main(_):
   })
   peak = figures["matmul_bf16_gflops" if config.encoder_dtype == "bfloat16" else "matmul_f32_gflops"]
   figures["train_fraction_of_f32_matmul"] = figures["train_gflops_achieved"] / figures["matmul_f32_gflops"]
+  if config.train_dtype == "bfloat16":
+    figures["train_fraction_of_bf16_matmul"] = (figures["train_gflops_achieved"]
+                                                / figures["matmul_bf16_gflops"])
   figures["score_fraction_of_matmul"] = figures["score_gflops_achieved"] / peak
   for k, v in figures.items():
     print(f"{k:32s} {v:,.4g}" if isinstance(v, float) else f"{k:32s} {v}")
