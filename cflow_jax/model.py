@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from cflow_jax import encoders, flow, sharding
+from cflow_jax import encoders, flow, precision, sharding
 from cflow_jax.config import Config
 from cflow_jax.positional import positional_encoding
 
@@ -118,7 +118,7 @@ def layer_log_probs(model: Model, params, permutations, features):
     fibers = jnp.transpose(f.astype(jnp.float32).reshape(b, h * w, c), (1, 0, 2))
     condition = positional_encoding(h, w, condition_dim).reshape(h * w, condition_dim)
     log_p_of = lambda x, cond: flow.log_prob(layer_params, layer_perms, x, cond, model.config.clamp,
-                                             jnp.dtype(model.config.score_dtype))
+                                             precision.matmul_dtype(model.config.score_dtype))
     if _cache_blocked():
       log_p = _in_blocks(log_p_of, fibers, condition, max(_CPU_FIBER_BLOCK // b, 1))
     else:

@@ -104,8 +104,9 @@ def define_training_flags():
                     "copy)." + _default("padding"))
   flags.DEFINE_enum("encoder_dtype", None, ("float32", "bfloat16"), "Encoder compute type (the flows: "
                     "--train_dtype, --score_dtype)." + _default("encoder_dtype"))
-  flags.DEFINE_enum("score_dtype", None, ("float32", "bfloat16"), "Input type of the flows' matmuls when "
-                    "scoring (float32 sums either way)." + _default("score_dtype"))
+  flags.DEFINE_enum("score_dtype", None, ("auto", "float32", "bfloat16"), "Input type of the flows' matmuls "
+                    "when scoring (float32 sums either way); auto: bfloat16 on GPU, TPU and AMX CPUs."
+                    + _default("score_dtype"))
   flags.DEFINE_enum("train_dtype", None, ("float32", "bfloat16"), "Input type of the flows' matmuls in "
                     "training, forward and backward (float32 sums, weights and Adam either way)."
                     + _default("train_dtype"))

@@ -190,3 +190,22 @@ def test_cache_blocked_scoring_on_one_cpu_equals_whole_batch_scoring(trained, mo
   for blocked, whole in zip(log_probs(True), log_probs(False)):
     assert blocked.shape == whole.shape
     np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_score_dtype_scores_in_bfloat16_only_on_native_hardware(trained, monkeypatch):
+  """`score_dtype="auto"` (the default) scores exactly as bfloat16 where the hardware multiplies it
+  natively and as float32 elsewhere (`cflow_jax.precision`), and the two really differ."""
+  detector, variables, _ = trained
+  images = np.random.default_rng(4).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+
+  def log_probs(score_dtype):
+    model = dataclasses.replace(detector.model, config=dataclasses.replace(CONFIG, score_dtype=score_dtype))
+    jax.clear_caches()  # "auto" resolves when traced
+    return np.concatenate([np.ravel(a) for a in cf.model.image_log_probs(
+        model, variables, detector.params, detector.permutations, images)])
+
+  assert CONFIG.score_dtype == "auto"
+  for native, dtype in ((True, "bfloat16"), (False, "float32")):
+    monkeypatch.setattr(cf.precision, "has_native_bfloat16", lambda platform, native=native: native)
+    np.testing.assert_array_equal(log_probs("auto"), log_probs(dtype))
+  assert np.abs(log_probs("bfloat16") - log_probs("float32")).max() > 0
