@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 
 import common
-from cflow_jax import api, encoders, flow, model as model_lib, sharding, train
+from cflow_jax import api, encoders, flow, model as model_lib, precision, sharding, train
 from cflow_jax.anomaly_map import Normalization, anomaly_maps
 from cflow_jax.config import Config
 
@@ -29,6 +29,8 @@ flags.DEFINE_integer("batch_size", 8, "Images per batch.")
 flags.DEFINE_integer("fiber_batch", 256, "Fibers per optimiser step (N).")
 flags.DEFINE_enum("encoder_dtype", "float32", ["float32", "bfloat16"], "Encoder precision.")
 flags.DEFINE_enum("train_dtype", "float32", ["float32", "bfloat16"], "The flows' matmul inputs in training.")
+flags.DEFINE_enum("score_dtype", Config.score_dtype, ["auto", "float32", "bfloat16"], "The flows' matmul "
+                  "inputs when scoring.")
 flags.DEFINE_bool("random_weights", False, "Random encoder weights (speed only; no download needed).")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (the best is kept).")
 flags.DEFINE_string("out", None, "Write the figures to this JSON file.")
@@ -62,7 +64,7 @@ def matmul_rate(dtype, repeats, n=4096):
 def main(_):
   config = Config(backbone=FLAGS.backbone, image_size=FLAGS.image_size, batch_size=FLAGS.batch_size,
                   fiber_batch=FLAGS.fiber_batch, encoder_dtype=FLAGS.encoder_dtype,
-                  train_dtype=FLAGS.train_dtype, rotation=0.0)
+                  train_dtype=FLAGS.train_dtype, score_dtype=FLAGS.score_dtype, rotation=0.0)
   model = model_lib.build(config)
   if FLAGS.random_weights:
     variables = encoders.init_variables(model.encoder, jax.random.key(0), config.image_size)
@@ -94,7 +96,8 @@ def main(_):
   figures = {
       "backbone": config.backbone, "image_size": s, "batch_size": b, "fiber_batch": config.fiber_batch,
       "encoder_dtype": config.encoder_dtype,
-      "train_dtype": config.train_dtype, "devices": [str(d) for d in jax.devices()],
+      "train_dtype": config.train_dtype, "score_dtype": str(precision.matmul_dtype(config.score_dtype)),
+      "devices": [str(d) for d in jax.devices()],
       "decoder_devices": (["all, data parallel"] if layout.decoders is None
                           else [str(d.device_set.pop()) for d in layout.decoders]),
       "matmul_f32_gflops": matmul_rate(jnp.float32, FLAGS.repeats) / 1e9,
