@@ -164,15 +164,21 @@ def test_loss_is_mean_negative_logsigmoid_of_per_channel_log_prob():
   assert float(flow.nll_loss(log_p, 10)) == pytest.approx(expected, rel=1e-6)
 
 
+def _moved_off_decoder(channels):
+  """A decoder moved off its initialisation by about its own scale in every parameter, the global affines
+  (the identity at initialisation) included, as a trained decoder is."""
+  params, permutations = flow.init_decoder(jax.random.key(0), channels)
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  leaves = [a + 0.3 * jax.random.normal(k, a.shape) / np.sqrt(a.shape[-1]) for a, k in zip(leaves, keys)]
+  return jax.tree.unflatten(tree, leaves), permutations
+
+
 def test_bfloat16_matmuls_keep_the_log_likelihoods_order():
   """Scoring's default (`Config.score_dtype`): the subnet matmuls' inputs rounded to bfloat16, summed in
   float32. On a decoder moved off its initialisation by about its own scale, log p / C moves by under 1%
   of its spread over fibers and the fibers' ranking (what AUROC sees) stays."""
-  params, permutations = flow.init_decoder(jax.random.key(0), 256)
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  leaves = [a + 0.3 * jax.random.normal(k, a.shape) / np.sqrt(a.shape[-1]) for a, k in zip(leaves, keys)]
-  params = jax.tree.unflatten(tree, leaves)
+  params, permutations = _moved_off_decoder(256)
   x = jax.random.normal(jax.random.key(2), (512, 256))
   c = jax.random.normal(jax.random.key(3), (512, 128))
   exact = np.asarray(log_prob(params, permutations, x, c)) / 256
@@ -208,11 +214,7 @@ def test_bfloat16_training_gradients_follow_float32s():
   """`Config.train_dtype` bfloat16: the loss and its gradient on a chunk of N = 64 fibers of a moved-off
   decoder, against float32 autodiff. Rounding every matmul input to ~3 digits moves each parameter's
   gradient by ~1% of its size: the step direction stays (cosine > 0.999)."""
-  params, permutations = flow.init_decoder(jax.random.key(0), 256)
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  leaves = [a + 0.3 * jax.random.normal(k, a.shape) / np.sqrt(a.shape[-1]) for a, k in zip(leaves, keys)]
-  params = jax.tree.unflatten(tree, leaves)
+  params, permutations = _moved_off_decoder(256)
   x = jax.random.normal(jax.random.key(2), (64, 256))
   c = jax.random.normal(jax.random.key(3), (64, 128))
   loss = lambda p, dtype: flow.nll_loss(flow.log_prob(p, permutations, x, c, dtype=dtype), 256)
