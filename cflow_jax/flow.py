@@ -63,7 +63,7 @@ class Permutation(distrax.Bijector):
 
 def _dense(x, w, dtype):
   """x @ w with its inputs rounded to `dtype` and the products summed in float32: bfloat16 keeps ~3
-  significant digits per input and runs on AMX units (a large matmul ~4.6x float32's rate on this CPU;
+  significant digits per input and runs on AMX units (a large matmul ~4.6x float32's rate on an AMX CPU;
   scoring ~1.4x faster) and on GPU / TPU matrix units. Its gradients are bfloat16 matmuls too
   (`_mixed_matmul`)."""
   if jnp.dtype(dtype) == jnp.float32:
@@ -89,7 +89,7 @@ def _mixed_matmul(x, w, dtype):
   step take the fast path. The weight's gradient is one matmul over all rows of x: apply this to whole
   chunks of fibers (vmapped per fiber, the per-fiber gradients would be formed and summed).
   """
-  return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+  return _mixed_matmul_fwd(x, w, dtype)[0]
 
 
 def _mixed_matmul_fwd(x, w, dtype):

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from cflow_jax import checkpoint, flow, model as model_lib, sharding
+from cflow_jax import checkpoint, flow, model as model_lib, precision, sharding
 from cflow_jax.anomaly_map import Normalization, batch_layer_max, likelihood_map
 from cflow_jax.config import Config
 from cflow_jax.errors import UserError
@@ -103,7 +103,8 @@ def train_layer_fn(model, mesh=None):
     def loss_fn(p, idx):
       x = sharding.constrain_fibers(fibers[idx], mesh)
       c = sharding.constrain_fibers(condition[idx], mesh)
-      log_p = flow.log_prob(p, permutations, x, c, config.clamp, jnp.dtype(config.train_dtype))
+      log_p = flow.log_prob(p, permutations, x, c, config.clamp,
+                            precision.matmul_dtype(config.train_dtype))
       return flow.nll_loss(log_p, channels)
 
     loss_and_grads = jax.value_and_grad(loss_fn)
