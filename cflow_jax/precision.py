@@ -25,11 +25,11 @@ def has_native_bfloat16(platform: str) -> bool:
   if platform != "cpu":
     return True  # GPU and TPU matrix units
   # XLA:CPU runs bfloat16 dots on AMX tiles (via its ynn kernels); AVX-512 BF16 alone was not measured.
-  return "amx_bf16" in _cpu_flags()
+  return "amx_bf16" in cpu_flags()
 
 
 @functools.cache
-def _cpu_flags() -> frozenset:
+def cpu_flags() -> frozenset:
   """The CPU's feature flags from Linux's /proc/cpuinfo; empty elsewhere (macOS, Windows)."""
   try:
     with open(CPUINFO) as f:

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from cflow_jax import api, checkpoint, data, encoders, metrics as metrics_lib, report, train
+from cflow_jax import api, checkpoint, compile_cache, data, encoders, metrics as metrics_lib, report, train
 from cflow_jax.config import BACKBONES, IMAGE_DTYPES, RESAMPLE, Config
 from cflow_jax.data.input_pipeline import preprocess
 from cflow_jax.errors import UserError
@@ -34,6 +34,11 @@ TAPPED_LAYERS = max(len(spec.taps) for spec in encoders.SPECS.values())
 # the demo needs no download; batches of 12 use all of its 48 training images (a last partial batch would
 # be dropped) and split its 36 test images evenly.
 DEMO_DEFAULTS = dict(backbone="vgg16_hed", image_size=128, meta_epochs=4, sub_epochs=1, batch_size=12)
+
+flags.DEFINE_string("compilation_cache", None, "Directory of JAX's persistent compilation cache (one "
+                    "subdirectory per kind of CPU): a later run with the same shapes loads its compiled "
+                    "programs instead of compiling them again. Default: $CFLOW_JAX_CACHE/xla or "
+                    "~/.cache/cflow_jax/xla, unless JAX_COMPILATION_CACHE_DIR is set; empty: off.")
 
 
 def _default(name: str) -> str:
@@ -329,6 +334,7 @@ def exit_on_user_error(main):
       logging.set_verbosity(logging.WARNING)
     if "cpu_devices" in FLAGS:
       split_cpu(FLAGS.cpu_devices)
+    compile_cache.enable(FLAGS.compilation_cache)
     if "distributed" in FLAGS and FLAGS.distributed:
       jax.distributed.initialize()
     try:

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 import cflow_jax as cf
+from cflow_jax import compile_cache
 
 REPO = pathlib.Path(__file__).parents[1]
 TINY = ("--dataset=demo", "--category=brick", "--image_size=64", "--epochs=1", "--max_train=8",
@@ -148,6 +149,26 @@ def test_predict_scores_images_of_any_size_and_skips_other_files(runs, tmp_path)
   for r in document["images"]:
     assert Image.open(r["picture"]).format == "PNG"
     assert r["anomalous"] == (r["score"] >= document["threshold"])  # the run's image threshold
+
+
+def test_a_second_run_loads_its_programs_from_the_compilation_cache(runs, tmp_path, monkeypatch):
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")  # the test session's shared cache; here the flag decides
+  Image.fromarray(np.random.default_rng(1).integers(0, 256, (80, 90, 3), np.uint8)).save(tmp_path / "a.png")
+  cache, scores = tmp_path / "xla", []
+  for attempt in range(2):
+    out = tmp_path / f"out{attempt}"
+    result = run("predict.py", f"--workdir={runs / 'brick' / 'vgg16_hed'}", f"--out_dir={out}",
+                 f"--compilation_cache={cache}", tmp_path / "a.png")
+    assert result.returncode == 0, result.stderr[-4000:]
+    entries = sorted(p.name for p in cache.glob("*/*-cache"))
+    if attempt == 0:
+      assert [p.name for p in cache.iterdir()] == [compile_cache.machine_key()]  # one folder per CPU kind
+      assert entries, "no compiled program was written"
+      first_entries = entries
+    with open(out / "scores.csv") as f:
+      scores.append([row["score"] for row in csv.DictReader(f)])
+  assert entries == first_entries  # the second run compiled nothing new
+  assert scores[1] == scores[0]
 
 
 def test_predict_without_a_checkpoint_is_one_line(tmp_path):

@@ -13,9 +13,9 @@ CPUINFO = "processor\t: 0\nmodel name\t: {model}\nflags\t\t: {flags}\n\nprocesso
 @pytest.fixture(autouse=True)
 def fresh_cpu_flags():
   """The flags are read once per process: read them again in each test, and after the last one."""
-  precision._cpu_flags.cache_clear()
+  precision.cpu_flags.cache_clear()
   yield
-  precision._cpu_flags.cache_clear()
+  precision.cpu_flags.cache_clear()
 
 
 def _cpu(monkeypatch, tmp_path, model, flags):
