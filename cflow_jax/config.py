@@ -45,7 +45,8 @@ class Config:
   drop_last_batch: bool = True
   lr: float = 2e-4
   # The flows' subnet matmuls in training, forward and backward: "bfloat16" rounds their inputs (and the
-  # cotangents) and sums in float32; the weights, their gradients and Adam stay float32.
+  # cotangents) and sums in float32; the weights, their gradients and Adam stay float32. "auto": bfloat16
+  # where the hardware multiplies it natively (`precision`), as `score_dtype`.
   train_dtype: str = "float32"
   schedule: str = "cosine"  # "cosine" (O: warm-up + cosine per meta-epoch) or "constant" (A)
   meta_epochs: int = 25
@@ -77,7 +78,7 @@ class Config:
     _check_choice("image_dtype", self.image_dtype, IMAGE_DTYPES)
     _check_choice("encoder_dtype", self.encoder_dtype, ("float32", "bfloat16"))
     _check_choice("score_dtype", self.score_dtype, ("auto", "float32", "bfloat16"))
-    _check_choice("train_dtype", self.train_dtype, ("float32", "bfloat16"))
+    _check_choice("train_dtype", self.train_dtype, ("auto", "float32", "bfloat16"))
     _check_choice("permutation", self.permutation, ("hard", "soft"))
     _check_choice("schedule", self.schedule, ("cosine", "constant"))
     _check_choice("normalization", self.normalization, ("train", "test_set", "batch"))

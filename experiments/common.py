@@ -112,8 +112,9 @@ def define_training_flags():
   flags.DEFINE_enum("score_dtype", None, ("auto", "float32", "bfloat16"), "Input type of the flows' matmuls "
                     "when scoring (float32 sums either way); auto: bfloat16 on GPU, TPU and AMX CPUs."
                     + _default("score_dtype"))
-  flags.DEFINE_enum("train_dtype", None, ("float32", "bfloat16"), "Input type of the flows' matmuls in "
-                    "training, forward and backward (float32 sums, weights and Adam either way)."
+  flags.DEFINE_enum("train_dtype", None, ("auto", "float32", "bfloat16"), "Input type of the flows' "
+                    "matmuls in training, forward and backward (float32 sums, weights and Adam either way); "
+                    "auto: bfloat16 on GPU, TPU and AMX CPUs."
                     + _default("train_dtype"))
   flags.DEFINE_enum("permutation", None, ("hard", "soft"), "Channel permutation in each coupling block: "
                     "hard (anomalib) or soft (the original's random rotation)." + _default("permutation"))

@@ -49,3 +49,31 @@ def test_auto_is_bfloat16_on_accelerators_and_explicit_names_are_kept(platform):
 def test_config_refuses_an_unknown_dtype():
   with pytest.raises(ValueError, match="score_dtype"):
     Config(score_dtype="float16")
+  with pytest.raises(ValueError, match="train_dtype"):
+    Config(train_dtype="float16")
+
+
+def test_training_with_auto_takes_the_type_auto_resolves_to(monkeypatch, tmp_path):
+  """train_dtype="auto" trains as the type `matmul_dtype` picks for this CPU: the same losses."""
+  import jax
+  import numpy as np
+  from cflow_jax import model as model_lib, train
+
+  losses = {}
+  for flags in ("fpu sse2 fma avx avx2", "fpu avx2 avx512f amx_bf16 amx_tile"):
+    _cpu(monkeypatch, tmp_path, "cpu", flags)
+    precision.cpu_flags.cache_clear()
+    picked = precision.matmul_dtype("auto", "cpu")
+    for name in ("auto", picked.name):
+      config = Config(backbone="resnet18", image_size=32, fiber_batch=8, coupling_blocks=2, train_dtype=name)
+      model = model_lib.build(config)
+      state = train.init_state(model, jax.random.key(0))
+      layer = len(model.channels) - 1
+      size, channels = model.feature_sizes()[layer], model.channels[layer]
+      features = jax.random.normal(jax.random.key(1), (1, size, size, channels))
+      step = train.train_layer_fn(model)
+      out = step(state.params[layer], state.opt_states[layer], state.permutations[layer], features,
+                 jax.random.key(2), np.float32(1e-3))
+      losses[name] = np.asarray(out[2])
+    np.testing.assert_array_equal(losses["auto"], losses[picked.name])
+  assert not np.array_equal(losses["float32"], losses["bfloat16"])  # the two CPUs trained differently
