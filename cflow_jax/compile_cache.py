@@ -16,6 +16,7 @@ import jax
 
 from cflow_jax import precision, weights
 
+
 def machine_key() -> str:
   """A short fingerprint of this machine's processor: its architecture and CPU feature flags."""
   text = " ".join([platform.machine(), *sorted(precision.cpu_flags())])

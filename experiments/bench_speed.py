@@ -28,7 +28,8 @@ flags.DEFINE_integer("image_size", 256, "Input size.")
 flags.DEFINE_integer("batch_size", 8, "Images per batch.")
 flags.DEFINE_integer("fiber_batch", 256, "Fibers per optimiser step (N).")
 flags.DEFINE_enum("encoder_dtype", "float32", ["float32", "bfloat16"], "Encoder precision.")
-flags.DEFINE_enum("train_dtype", "float32", ["auto", "float32", "bfloat16"], "The flows' matmul inputs in training.")
+flags.DEFINE_enum("train_dtype", "float32", ["auto", "float32", "bfloat16"], "The flows' matmul inputs in "
+                  "training.")
 flags.DEFINE_enum("score_dtype", Config.score_dtype, ["auto", "float32", "bfloat16"], "The flows' matmul "
                   "inputs when scoring.")
 flags.DEFINE_bool("random_weights", False, "Random encoder weights (speed only; no download needed).")

@@ -35,10 +35,14 @@ TAPPED_LAYERS = max(len(spec.taps) for spec in encoders.SPECS.values())
 # be dropped) and split its 36 test images evenly.
 DEMO_DEFAULTS = dict(backbone="vgg16_hed", image_size=128, meta_epochs=4, sub_epochs=1, batch_size=12)
 
-flags.DEFINE_string("compilation_cache", None, "Directory of JAX's persistent compilation cache (one "
-                    "subdirectory per kind of CPU): a later run with the same shapes loads its compiled "
-                    "programs instead of compiling them again. Default: $CFLOW_JAX_CACHE/xla or "
-                    "~/.cache/cflow_jax/xla, unless JAX_COMPILATION_CACHE_DIR is set; empty: off.")
+
+def define_compilation_cache_flag():
+  """--compilation_cache, which `exit_on_user_error` applies (train.py and benchmark.py get it with the
+  training flags)."""
+  flags.DEFINE_string("compilation_cache", None, "Directory of JAX's persistent compilation cache (one "
+                      "subdirectory per kind of CPU): a later run with the same shapes loads its compiled "
+                      "programs instead of compiling them again. Default: $CFLOW_JAX_CACHE/xla or "
+                      "~/.cache/cflow_jax/xla, unless JAX_COMPILATION_CACHE_DIR is set; empty: off.")
 
 
 def _default(name: str) -> str:
@@ -52,6 +56,7 @@ def _default(name: str) -> str:
 def define_training_flags():
   """The flags of train.py and benchmark.py, but --workdir and the categories: data, and one flag per
   Config field, whose default None means the Config's default."""
+  define_compilation_cache_flag()
   flags.DEFINE_enum("dataset", "mvtec_ad", data.DATASETS,
                     "Dataset. demo is drawn on the spot (no download) and runs with small demo defaults.")
   flags.DEFINE_string("data_dir", None,
@@ -335,7 +340,8 @@ def exit_on_user_error(main):
       logging.set_verbosity(logging.WARNING)
     if "cpu_devices" in FLAGS:
       split_cpu(FLAGS.cpu_devices)
-    compile_cache.enable(FLAGS.compilation_cache)
+    if "compilation_cache" in FLAGS:
+      compile_cache.enable(FLAGS.compilation_cache)
     if "distributed" in FLAGS and FLAGS.distributed:
       jax.distributed.initialize()
     try:

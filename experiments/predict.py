@@ -31,6 +31,7 @@ flags.DEFINE_float("threshold", None, "Image score at or above which an image is
                    "Default: image_threshold of <workdir>/metrics.json, if there.")
 flags.DEFINE_integer("batch_size", None, "Images per encoder pass. Default: the run's.", lower_bound=1)
 flags.mark_flag_as_required("workdir")
+common.define_compilation_cache_flag()
 
 
 def image_paths(arguments) -> list[pathlib.Path]:

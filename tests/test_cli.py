@@ -151,7 +151,7 @@ def test_predict_scores_images_of_any_size_and_skips_other_files(runs, tmp_path)
     assert r["anomalous"] == (r["score"] >= document["threshold"])  # the run's image threshold
 
 
-def test_a_second_run_loads_its_programs_from_the_compilation_cache(runs, tmp_path, monkeypatch):
+def test_compiled_programs_are_stored_per_cpu_kind_and_a_second_run_adds_none(runs, tmp_path, monkeypatch):
   monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")  # the test session's shared cache; here the flag decides
   Image.fromarray(np.random.default_rng(1).integers(0, 256, (80, 90, 3), np.uint8)).save(tmp_path / "a.png")
   cache, scores = tmp_path / "xla", []
@@ -167,7 +167,7 @@ def test_a_second_run_loads_its_programs_from_the_compilation_cache(runs, tmp_pa
       first_entries = entries
     with open(out / "scores.csv") as f:
       scores.append([row["score"] for row in csv.DictReader(f)])
-  assert entries == first_entries  # the second run compiled nothing new
+  assert entries == first_entries  # the same programs under the same keys: found, not stored again
   assert scores[1] == scores[0]
 
 

@@ -1,9 +1,11 @@
 """Which input type the flows' matmuls get (`cflow_jax.precision`)."""
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from cflow_jax import precision
+from cflow_jax import model as model_lib, precision, train
 from cflow_jax.config import Config
 
 # /proc/cpuinfo's layout: one "flags" line per core among other fields.
@@ -55,10 +57,6 @@ def test_config_refuses_an_unknown_dtype():
 
 def test_training_with_auto_takes_the_type_auto_resolves_to(monkeypatch, tmp_path):
   """train_dtype="auto" trains as the type `matmul_dtype` picks for this CPU: the same losses."""
-  import jax
-  import numpy as np
-  from cflow_jax import model as model_lib, train
-
   losses = {}
   for flags in ("fpu sse2 fma avx avx2", "fpu avx2 avx512f amx_bf16 amx_tile"):
     _cpu(monkeypatch, tmp_path, "cpu", flags)
