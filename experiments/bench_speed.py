@@ -4,8 +4,8 @@
     python experiments/bench_speed.py --backbone=wide_resnet50_2 --random_weights   # speed only
 
 FLOPs: the encoder's from XLA's cost analysis of the compiled function, the decoders' counted from their
-matmul shapes (XLA counts a loop's body once, not once per iteration). The reference rate is a 4096^2
-matmul measured in the same process (f32, and bf16 with f32 accumulation). Timings are the best of
+matmul shapes (XLA counts a loop's body once, not once per iteration). The reference rate is a square
+matmul (--matmul_size) measured in the same process (f32, and bf16 with f32 accumulation). Timings are the best of
 --repeats.
 """
 
@@ -33,6 +33,8 @@ flags.DEFINE_enum("train_dtype", "float32", ["auto", "float32", "bfloat16"], "Th
 flags.DEFINE_enum("score_dtype", Config.score_dtype, ["auto", "float32", "bfloat16"], "The flows' matmul "
                   "inputs when scoring.")
 flags.DEFINE_bool("random_weights", False, "Random encoder weights (speed only; no download needed).")
+flags.DEFINE_integer("matmul_size", 4096, "Side of the square matmul whose rate is the reference (an accelerator "
+                     "needs a larger one than a CPU to reach its peak).")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (the best is kept).")
 flags.DEFINE_string("out", None, "Write the figures to this JSON file.")
 flags.DEFINE_integer("cpu_devices", None, "JAX devices to split the CPU into (as in train.py): the decoders "
@@ -101,8 +103,9 @@ def main(_):
       "devices": [str(d) for d in jax.devices()],
       "decoder_devices": (["all, data parallel"] if layout.decoders is None
                           else [str(d.device_set.pop()) for d in layout.decoders]),
-      "matmul_f32_gflops": matmul_rate(jnp.float32, FLAGS.repeats) / 1e9,
-      "matmul_bf16_gflops": matmul_rate(jnp.bfloat16, FLAGS.repeats) / 1e9,
+      "matmul_size": FLAGS.matmul_size,
+      "matmul_f32_gflops": matmul_rate(jnp.float32, FLAGS.repeats, FLAGS.matmul_size) / 1e9,
+      "matmul_bf16_gflops": matmul_rate(jnp.bfloat16, FLAGS.repeats, FLAGS.matmul_size) / 1e9,
   }
   copy_seconds = best_time(fresh, FLAGS.repeats)
   encode_seconds = best_time(encode, FLAGS.repeats)
@@ -126,6 +129,7 @@ def main(_):
       "fibers_per_batch": fibers, "optimizer_steps_per_batch": steps,
       "encoder_images_per_s": b / encode_seconds,
       "train_fibers_per_s": fibers / train_seconds,
+      "train_ms_per_step": 1e3 * train_seconds / steps,  # over the three layers' optimiser steps
       "train_images_per_s": b / (train_seconds + encode_seconds),
       "train_images_per_s_streamed": b / stream_seconds,
       "score_images_per_s": b / score_seconds,
