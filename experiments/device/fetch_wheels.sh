@@ -7,9 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 version=${1:-3.12}
 folder=${2:-.whl}
-# Versions as requirements.txt pins them; their own dependencies that the image lacks, pinned as here.
+# Ours at the versions requirements.txt pins; the dependencies of theirs that the image lacks, at their
+# newest versions.
+mapfile -t pinned < <(grep -E '^(distrax|tfp-nightly|tensorflow-datasets|array_record)==' requirements.txt)
+[ "${#pinned[@]}" -eq 4 ] || { echo "fetch_wheels.sh: requirements.txt no longer pins all four" >&2; exit 1; }
 wheels=(
-  distrax==0.1.9 tfp-nightly==0.26.0.dev20261027 tensorflow-datasets==4.9.10 array_record==0.8.6
+  "${pinned[@]}"
   dm-tree gast decorator immutabledict simple_parsing docstring-parser tensorflow-metadata
   googleapis-common-protos termcolor toml
 )
