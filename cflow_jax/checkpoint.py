@@ -17,7 +17,7 @@ from cflow_jax.config import Config
 from cflow_jax.errors import UserError
 
 # Fields that only change how scores are normalised, not what was trained: free to differ on resume.
-_SCORING_ONLY = ("normalization", "cache_features", "blur_sigma", "score_dtype")
+_SCORING_ONLY = ("normalization", "normalization_images", "cache_features", "blur_sigma", "score_dtype")
 # Fields that may grow on resume: training longer continues the same run.
 _EXTENDABLE = ("meta_epochs",)
 
@@ -112,4 +112,7 @@ def fingerprint(tree) -> str:
 
 
 def config_from_meta(meta: dict) -> Config:
-  return Config(**json.loads(meta["config"]))
+  """The saved config; fields that Config no longer has (a run saved by an older version, e.g. its
+  `warmup_epochs`) are dropped, and fields added since take their defaults."""
+  known = {field.name for field in dataclasses.fields(Config)}
+  return Config(**{k: v for k, v in json.loads(meta["config"]).items() if k in known})

@@ -43,7 +43,8 @@ def fit_many(config: Config, train_sets: dict, *, encoder_variables=None, progre
   if batches_per_epoch == 0:
     raise UserError("a training set is empty: each category needs defect-free images in train/good")
   k = len(names)
-  schedule = train.learning_rate(config, batches_per_epoch)
+  schedule, total_batches = train.learning_rate(config), config.epochs * batches_per_epoch
+  steps = [train.chunks_per_batch(batch_size * h * h, config) for h in model.feature_sizes()]
   one = train.init_state(model, jax.random.key(config.seed))
   params, opt_states = _stack([one.params] * k), _stack([one.opt_states] * k)
   permutations = _stack([one.permutations] * k)
@@ -61,7 +62,8 @@ def fit_many(config: Config, train_sets: dict, *, encoder_variables=None, progre
       features = model_lib.encode(model, encoder_variables, images)
       features = tuple(f.reshape((k, batch_size) + f.shape[1:]) for f in features)
       keys = jnp.stack([train.batch_key(config.seed, epoch, b)] * k)
-      lr = np.float32(schedule(epoch * batches_per_epoch + b))
+      progress = epoch * batches_per_epoch + b
+      lr = tuple(train.chunk_rates(schedule, progress, total_batches, n, n) for n in steps)
       params, opt_states, layer_losses = step(params, opt_states, permutations, features, keys, lr)
       losses.append(float(np.mean([np.mean(l) for l in layer_losses])))
       bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}")
