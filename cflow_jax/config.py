@@ -48,10 +48,12 @@ class Config:
   # cotangents) and sums in float32; the weights, their gradients and Adam stay float32. "auto": bfloat16
   # where the hardware multiplies it natively (`precision`), as `score_dtype`.
   train_dtype: str = "float32"
-  schedule: str = "cosine"  # "cosine" (O: warm-up + cosine per meta-epoch) or "constant" (A)
+  # "cosine": a linear warm-up from lr / 10, then cosine decay to lr * 1e-3, over the run's progress (O's
+  # curve, per meta-epoch there); "constant": lr throughout (A). See `train.learning_rate`.
+  schedule: str = "cosine"
   meta_epochs: int = 25
   sub_epochs: int = 8
-  warmup_epochs: int = 2  # meta-epochs of linear warm-up from lr / 10
+  warmup: float = 0.08  # the fraction of the run that warms up (O: 2 of 25 meta-epochs)
   rotation: float = 5.0  # train-time random rotation, degrees (0 disables and allows feature caching)
   # Encode the training images once and keep their features in host memory for every epoch (needs
   # rotation 0; costs images * sum(h * w * C) * 4 bytes, e.g. 1.7 MB per image for vgg16_hed at 128 px).
@@ -62,6 +64,9 @@ class Config:
   # "train": per-layer maxima fixed from training data (default; an image's score never depends on others);
   # "test_set": maxima over all scored images (O); "batch": maxima over each batch (A).
   normalization: str = "train"
+  # With "train": the training images that fix the maxima, at most this many, evenly spaced (0: all). The
+  # pass then costs a bounded share of training; the maxima move little beyond a few dozen images.
+  normalization_images: int = 64
   # Gaussian blur of each anomaly map, sigma in input pixels (0: none, as both references). 4 is what
   # anomalib's PaDiM and PatchCore use at 256 px; on Magnetic Tile it lifted image AUROC by 1.6-4.0
   # points over three seeds (README).
@@ -86,6 +91,8 @@ class Config:
                  "meta_epochs", "sub_epochs"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+    if self.normalization_images < 0:
+      raise ValueError(f"normalization_images must be 0 (all) or positive, got {self.normalization_images}")
     if self.condition_dim % 4:
       raise ValueError(f"condition_dim must be a multiple of 4, got {self.condition_dim}")
     if self.image_size % 32:
@@ -96,11 +103,19 @@ class Config:
       raise ValueError(f"blur_sigma must be 0 (no blur) or positive, got {self.blur_sigma}")
     if self.lr <= 0:
       raise ValueError(f"lr must be positive, got {self.lr}")
+    if not 0 <= self.warmup < 1:
+      raise ValueError(f"warmup must be a fraction of the run in [0, 1), got {self.warmup}")
 
   @property
   def epochs(self) -> int:
     """Total passes over the training images."""
     return self.meta_epochs * self.sub_epochs
+
+  @classmethod
+  def recipe(cls, name: str, **fields) -> "Config":
+    """The config of a reference's recipe ("original" or "anomalib", `RECIPES`), with `fields` on top."""
+    _check_choice("recipe", name, tuple(RECIPES))
+    return cls(**{**RECIPES[name], **fields})
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -108,6 +123,23 @@ class Config:
   @classmethod
   def from_json(cls, text: str) -> "Config":
     return cls(**json.loads(text))
+
+
+# The two references' recipes, as the fields that differ from ours (`Config.recipe`). The encoder's
+# weights are left out: each reference's default set exists only for some backbones (`weights`).
+RECIPES = {
+    # gudovskiy/cflow-ad: 25 x 8 epochs, N = 256 with remainders dropped, +-5 degree rotations, PIL's
+    # Lanczos rounded to uint8, maps normalised over the whole test set, no blur, float32 flows.
+    "original": dict(fiber_batch=256, drop_remainder=True, drop_last_batch=True, lr=2e-4, schedule="cosine",
+                     warmup=0.08, meta_epochs=25, sub_epochs=8, rotation=5.0, resample="lanczos",
+                     image_dtype="uint8", normalization="test_set", blur_sigma=0.0, score_dtype="float32",
+                     train_dtype="float32"),
+    # anomalib's Cflow: N = 64 and every fiber and image used, Adam at a constant 1e-4 for up to 50 epochs,
+    # no augmentation, torchvision's antialiased bilinear resize kept in float, maps normalised per batch.
+    "anomalib": dict(fiber_batch=64, drop_remainder=False, drop_last_batch=False, lr=1e-4, schedule="constant",
+                     meta_epochs=50, sub_epochs=1, rotation=0.0, resample="bilinear", image_dtype="float32",
+                     normalization="batch", blur_sigma=0.0, score_dtype="float32", train_dtype="float32"),
+}
 
 
 def _check_choice(name, value, choices):

@@ -5,7 +5,6 @@ Training flags default to None, which means "the Config's default": `config_from
 flags a user gave (`dataclasses.replace(Config(), **given)`), so no default value is written twice.
 """
 
-import collections.abc
 import dataclasses
 import functools
 import os
@@ -19,13 +18,13 @@ import numpy as np
 from absl import flags, logging
 
 from cflow_jax import api, checkpoint, compile_cache, data, encoders, metrics as metrics_lib, report, train
-from cflow_jax.config import BACKBONES, IMAGE_DTYPES, RESAMPLE, Config
+from cflow_jax.config import BACKBONES, IMAGE_DTYPES, RECIPES, RESAMPLE, Config
 from cflow_jax.data.input_pipeline import preprocess
 from cflow_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 CONFIG_FLAGS = ("backbone", "weights", "image_size", "meta_epochs", "sub_epochs", "fiber_batch",
-                "drop_remainder", "drop_last_batch", "batch_size", "lr", "schedule", "rotation", "seed",
+                "drop_remainder", "drop_last_batch", "batch_size", "lr", "schedule", "warmup", "rotation", "seed",
                 "normalization", "blur_sigma", "score_dtype", "train_dtype", "padding", "encoder_dtype",
                 "permutation", "cache_features", "resample", "image_dtype")
 # One decoder per tapped layer: more CPU devices than decoders would idle.
@@ -74,16 +73,20 @@ def define_training_flags():
                        "anomalous defective images, and the most and the least anomalous good ones.",
                        lower_bound=0)
   flags.DEFINE_integer("epochs", None, "Passes over the training images: sets --meta_epochs=E and "
-                       "--sub_epochs=1 (the schedule's learning rate then changes every epoch).",
+                       "--sub_epochs=1.",
                        lower_bound=1)
 
+  flags.DEFINE_enum("recipe", None, tuple(RECIPES), "Start from a reference's recipe instead of our defaults: "
+                    "original (gudovskiy/cflow-ad: N = 256, cosine over 25 x 8 epochs, test-set maxima, ...) or "
+                    "anomalib (N = 64, constant lr 1e-4, per-batch maxima, ...); the other flags given still "
+                    "override its fields (cflow_jax.config.RECIPES lists them).")
   flags.DEFINE_enum("backbone", None, BACKBONES, "Frozen encoder." + _default("backbone"))
   flags.DEFINE_string("weights", None, "Encoder weights: a named set (torchvision, timm, hed) or a file "
                       "(.pth, .safetensors, HED's .h5)." + _default("weights"))
   flags.DEFINE_integer("image_size", None, "Square input size in pixels, a multiple of 32."
                        + _default("image_size"))
-  flags.DEFINE_integer("meta_epochs", None, "Meta-epochs: the cosine schedule's steps."
-                       + _default("meta_epochs"))
+  flags.DEFINE_integer("meta_epochs", None, "Meta-epochs (the original's outer loop; the run trains "
+                       "meta_epochs x sub_epochs passes)." + _default("meta_epochs"))
   flags.DEFINE_integer("sub_epochs", None, "Passes over the training images per meta-epoch."
                        + _default("sub_epochs"))
   flags.DEFINE_integer("fiber_batch", None, "Fibers per optimiser step (N)." + _default("fiber_batch"))
@@ -93,8 +96,11 @@ def define_training_flags():
                     "rather than let the last step take it (anomalib)." + _default("drop_remainder"))
   flags.DEFINE_integer("batch_size", None, "Images per encoder pass." + _default("batch_size"))
   flags.DEFINE_float("lr", None, "Adam learning rate." + _default("lr"))
-  flags.DEFINE_enum("schedule", None, ("cosine", "constant"), "Learning-rate schedule: cosine (the "
-                    "original, with warm-up) or constant (anomalib)." + _default("schedule"))
+  flags.DEFINE_enum("schedule", None, ("cosine", "constant"), "Learning-rate schedule: cosine (a warm-up, then "
+                    "cosine decay to lr / 1000 over the whole run: the original's curve) or constant "
+                    "(anomalib)." + _default("schedule"))
+  flags.DEFINE_float("warmup", None, "Fraction of the run over which the cosine schedule warms up from lr / 10."
+                     + _default("warmup"))
   flags.DEFINE_float("rotation", None, "Train-time random rotation in degrees, 0 disables."
                      + _default("rotation"))
   flags.DEFINE_integer("seed", None, "Seed of initialisation, shuffling and augmentation."
@@ -136,7 +142,8 @@ def define_training_flags():
 
 
 def config_from_flags() -> Config:
-  """The Config with every training flag the user gave, on top of the demo defaults for --dataset=demo."""
+  """The Config with every training flag the user gave, on top of the demo defaults for --dataset=demo,
+  on top of --recipe's fields or our defaults."""
   given = {name: FLAGS[name].value for name in CONFIG_FLAGS if FLAGS[name].value is not None}
   if FLAGS.epochs is not None:
     if "meta_epochs" in given or "sub_epochs" in given:
@@ -145,27 +152,9 @@ def config_from_flags() -> Config:
   if FLAGS.dataset == "demo":
     given = {**DEMO_DEFAULTS, **given}
   try:
-    return dataclasses.replace(Config(), **given)
+    return Config.recipe(FLAGS.recipe, **given) if FLAGS.recipe else dataclasses.replace(Config(), **given)
   except ValueError as error:
     raise UserError(f"bad flag value: {error}") from error
-
-
-class _Picked(collections.abc.Sequence):
-  """Some items of a sequence, by index, read on access."""
-
-  def __init__(self, items, indices):
-    self._items, self._indices = items, [int(i) for i in indices]
-
-  def __len__(self):
-    return len(self._indices)
-
-  def __getitem__(self, index):
-    return self._items[self._indices[index]]
-
-
-def _pick(images: data.ImageSet, indices) -> data.ImageSet:
-  return data.ImageSet(_Picked(images, indices), name=images.name, category=images.category,
-                       split=images.split, has_masks=images.has_masks)
 
 
 def load_splits(category: str | None, config: Config) -> tuple[data.ImageSet, data.ImageSet]:
@@ -181,10 +170,10 @@ def load_splits(category: str | None, config: Config) -> tuple[data.ImageSet, da
   train_set = data.load(dataset, "train", category, data_dir, tfds_dir=FLAGS.tfds_dir)
   test_set = data.load(dataset, "test", category, data_dir, tfds_dir=FLAGS.tfds_dir)
   if FLAGS.max_train is not None and FLAGS.max_train < len(train_set):
-    train_set = _pick(train_set, range(FLAGS.max_train))
+    train_set = train_set.subset(range(FLAGS.max_train))
   if FLAGS.max_test is not None and FLAGS.max_test < len(test_set):
     # The test split is sorted by defect type: its first K images could all be of one kind.
-    test_set = _pick(test_set, np.linspace(0, len(test_set) - 1, FLAGS.max_test).round())
+    test_set = test_set.subset(np.linspace(0, len(test_set) - 1, FLAGS.max_test).round())
   return api.resized(config, train_set), api.resized(config, test_set)
 
 

@@ -1,0 +1,55 @@
+"""The references' recipes: each sets exactly its fields, to the values the references use, and --recipe
+reaches them from the command line with the other flags on top."""
+
+import dataclasses
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from cflow_jax.config import RECIPES, Config
+
+REPO = pathlib.Path(__file__).parents[1]
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_a_recipe_sets_exactly_its_fields(name):
+  ours, recipe = Config(), Config.recipe(name)
+  for field in dataclasses.fields(Config):
+    expected = RECIPES[name].get(field.name, getattr(ours, field.name))
+    assert getattr(recipe, field.name) == expected, field.name
+  assert Config.recipe(name, lr=3e-4).lr == 3e-4  # fields given on top win
+
+
+def test_the_recipes_hold_the_references_settings():
+  original, anomalib = Config.recipe("original"), Config.recipe("anomalib")
+  assert (original.fiber_batch, original.lr, original.schedule, original.meta_epochs, original.sub_epochs,
+          original.rotation, original.normalization, original.blur_sigma) == \
+      (256, 2e-4, "cosine", 25, 8, 5.0, "test_set", 0.0)
+  assert original.drop_remainder and original.drop_last_batch
+  assert (anomalib.fiber_batch, anomalib.lr, anomalib.schedule, anomalib.rotation, anomalib.resample,
+          anomalib.image_dtype, anomalib.normalization, anomalib.blur_sigma) == \
+      (64, 1e-4, "constant", 0.0, "bilinear", "float32", "batch", 0.0)
+  assert not anomalib.drop_remainder and not anomalib.drop_last_batch
+  with pytest.raises(ValueError, match="recipe"):
+    Config.recipe("paper")
+
+
+def _config_from_flags(*argv) -> dict:
+  """The Config the training scripts build from these flags, in a fresh process (absl's flags are global)."""
+  code = ("import sys; sys.path.insert(0, 'experiments'); import common; from absl import flags; "
+          "common.define_training_flags(); flags.FLAGS(['train.py', *sys.argv[1:]]); "
+          "print(common.config_from_flags().to_json())")
+  result = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  return json.loads(result.stdout)
+
+
+def test_recipe_flag_starts_from_the_recipe_and_other_flags_override_it():
+  got = _config_from_flags("--recipe=anomalib", "--lr=3e-4", "--epochs=1")
+  expected = dataclasses.asdict(Config.recipe("anomalib", lr=3e-4, meta_epochs=1, sub_epochs=1))
+  assert got == json.loads(json.dumps(expected))
+  assert _config_from_flags() == json.loads(Config().to_json())  # no flag: our defaults
