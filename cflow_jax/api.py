@@ -97,15 +97,27 @@ def fit(config: Config, train_set, *, encoder_variables=None, workdir=None, prog
   state, history = train.fit(model, encoder_variables, train_batches, batches_per_epoch, workdir=workdir,
                              meta=identity, progress=progress, log=log)
   began = time.perf_counter()
-  batches = input_batches(config, train_set, config.batch_size)
-  normalization = train.fit_normalization(
-      model, encoder_variables, state.params, state.permutations,
-      (b["image"] for b in _bar(batches, train_set, config.batch_size, "normalisation", progress)))
+  normalization = train.unset_normalization(len(model.channels))
+  if config.normalization == "train":
+    subset = normalization_subset(config, train_set)
+    batches = input_batches(config, subset, config.batch_size)
+    normalization = train.fit_normalization(
+        model, encoder_variables, state.params, state.permutations,
+        (b["image"] for b in _bar(batches, subset, config.batch_size, "normalisation", progress)))
   history["normalization_seconds"] = time.perf_counter() - began
   state = state._replace(normalization=normalization)
   if workdir is not None:
     train.save_final(workdir, state, config, identity, history)
   return Detector(model, encoder_variables, state.params, state.permutations, normalization, history)
+
+
+def normalization_subset(config: Config, train_set):
+  """The training images that fix the normalisation: all of them, or `config.normalization_images` evenly
+  spaced over the set, so that the pass costs a bounded share of training (docs/results.md)."""
+  n, k = len(train_set), config.normalization_images
+  if not k or k >= n:
+    return train_set
+  return train_set.subset(np.linspace(0, n - 1, k).round())
 
 
 def _cached_feature_batches(model, encoder_variables, train_set, batch_size):
@@ -188,6 +200,9 @@ def score_batches(detector: Detector, images, batch_size: int | None = None,
   batch_size = batch_size or config.batch_size
   mesh = sharding.data_mesh()
   replicated = _replicated(detector, mesh)
+  if mode == "train" and np.isnan(np.asarray(detector.normalization.map_max)):
+    raise UserError(f"this detector fixed no maxima from training images (it was trained with "
+                    f"normalization={config.normalization!r}): score with normalization='batch' or 'test_set'")
   fixed = model_lib.beside_log_probs(detector.normalization, mesh) if mode == "train" else None
   for batch in _bar(_as_batches(images, batch_size, config), images, batch_size, "scoring", progress):
     x, n = batch["image"], len(batch["image"])

@@ -59,6 +59,12 @@ class ImageSet(collections.abc.Sequence):
       raise IndexError(f"index {index} out of range for {len(self)} images")
     return self._examples[index % len(self)]
 
+  def subset(self, indices) -> "ImageSet":
+    """The images at `indices`, in that order (read on access, as held here)."""
+    return ImageSet(_Picked(self._examples, indices), name=self.name, category=self.category,
+                    split=self.split, has_masks=self.has_masks, image_size=self.image_size,
+                    resample=self.resample, dtype=self.dtype)
+
   def resized(self, image_size: int, workers: int | None = None, resample: str = "lanczos",
               dtype: str = "uint8") -> "ImageSet":
     """This set decoded and resized to (image_size, image_size) once, held in memory.
@@ -77,6 +83,19 @@ class ImageSet(collections.abc.Sequence):
   def __repr__(self) -> str:
     return (f"ImageSet({self.name}/{self.category}, {self.split}, {len(self)} images, "
             f"has_masks={self.has_masks})")
+
+
+class _Picked(collections.abc.Sequence):
+  """Some items of a sequence, by index, read on access."""
+
+  def __init__(self, items, indices):
+    self._items, self._indices = items, [int(i) for i in indices]
+
+  def __len__(self):
+    return len(self._indices)
+
+  def __getitem__(self, index):
+    return self._items[self._indices[index]]
 
 
 class _Decoded(collections.abc.Sequence):
