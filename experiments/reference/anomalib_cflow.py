@@ -230,6 +230,44 @@ def load_masks(pairs: list[tuple[Path, str]], root: Path, image_size: int):
   return np.stack(masks)
 
 
+def epoch_scorer_class():
+  from lightning.pytorch import Callback
+
+  class EpochScorer(Callback):
+    """After each epoch of --score_epochs: anomalib's own scoring (`Cflow.forward` on every test image, in
+    file order, maps normalised per batch as its predict loop does) written to --maps_out as
+    epoch<E>.npz (maps in float16, scores, the training seconds so far without this scoring). Its rate is
+    constant, so one run of E epochs gives every budget up to E."""
+
+    def __init__(self, args, test_loader_fn, clock):
+      self.epochs = {int(e) for e in args.score_epochs.split(",") if e} if args.score_epochs else set()
+      self.out, self.test_loader_fn, self.clock = args.maps_out, test_loader_fn, clock
+      self.seconds = 0.0
+
+    def on_train_epoch_end(self, trainer, pl_module):
+      import numpy as np
+      import torch
+
+      epoch = trainer.current_epoch + 1
+      if epoch not in self.epochs:
+        return
+      began = time.perf_counter()
+      trained = began - self.clock.marks["train_start"][0] - self.seconds
+      maps, scores = [], []
+      with torch.no_grad():
+        for batch in self.test_loader_fn():
+          out = pl_module(batch.image)
+          maps.append(out.anomaly_map.reshape(len(batch.image), *out.anomaly_map.shape[-2:]).numpy())
+          scores.append(out.pred_score.reshape(-1).numpy())
+      pl_module.model.decoders.train()
+      Path(self.out).mkdir(parents=True, exist_ok=True)
+      np.savez_compressed(Path(self.out) / f"epoch{epoch}.npz", maps=np.concatenate(maps).astype(np.float16),
+                          scores=np.concatenate(scores), train_seconds=trained)
+      self.seconds += time.perf_counter() - began
+
+  return EpochScorer
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Metrics.
 # ---------------------------------------------------------------------------------------------------------
@@ -403,15 +441,18 @@ def main(argv=None) -> dict:
       (wall0, cpu0), (wall1, cpu1) = self.marks[f"{stage}_start"], self.marks[f"{stage}_end"]
       return wall1 - wall0, cpu1 - cpu0
 
+  EpochScorer = epoch_scorer_class()
   clock = Clock()
   recorded = record_distributions(model.model.anomaly_map_generator)
+  epoch_scorer = EpochScorer(args, test_loader_fn=lambda: DataLoader(
+      test_set, batch_size=args.batch_size, shuffle=False, collate_fn=test_set.collate_fn), clock=clock)
   with tempfile.TemporaryDirectory() as workdir:
     engine = Engine(
         accelerator=args.accelerator,
         devices=1,
         max_epochs=args.epochs,
         barebones=True,  # no checkpoint writing, logging or progress bars inside the timed loops
-        callbacks=[clock],
+        callbacks=[clock, epoch_scorer],
         default_root_dir=workdir,
     )
     generator = torch.Generator().manual_seed(args.seed)
@@ -428,6 +469,10 @@ def main(argv=None) -> dict:
     predict_seconds = time.perf_counter() - t_predict
 
   train_seconds, train_cpu_seconds = clock.seconds("train")
+  train_seconds -= epoch_scorer.seconds  # the untimed scoring after some epochs (--score_epochs)
+  if args.maps_out:
+    np.savez_compressed(Path(args.maps_out) / "test.npz", labels=np.array([int(k != "good") for _, k in test_pairs]),
+                        masks=masks, names=np.array([str(p) for p, _ in test_pairs]))
   score_seconds, score_cpu_seconds = clock.seconds("predict")
   paths = [p for batch in predictions for p in batch.image_path]
   assert paths == [str(p) for p, _ in test_pairs], "prediction order differs from the mask order"
@@ -502,6 +547,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--max_train", type=int, default=None, help="first N train images by name")
   parser.add_argument("--max_test", type=int, default=None, help="N test images evenly spaced over (type, name)")
   parser.add_argument("--out", default=None, help="JSON file for the results")
+  parser.add_argument("--score_epochs", default="", help="comma-separated epochs after which to score the test "
+                      "set into --maps_out (anomalib's own maps; untimed)")
+  parser.add_argument("--maps_out", default=None, help="folder for --score_epochs' maps and the test labels/masks")
   parser.add_argument("--blur_sigma", type=float, default=0.0,
                       help="also rescore the whole-test-set maps blurred by this Gaussian (test_set_blurred)")
   return parser.parse_args(argv)
