@@ -1,4 +1,4 @@
-"""The frozen encoders whose intermediate feature maps CFLOW models (SPEC section 1).
+"""The frozen encoders whose intermediate feature maps CFLOW models (docs/design.md section 2).
 
 ResNets follow torchvision's architecture (v1.5: a bottleneck's stride sits on its 3x3 conv) and return the
 outputs of layer2, layer3 and layer4; VGG16 returns relu3_3, relu4_3 and relu5_3 for the HED edge weights.

@@ -1,4 +1,4 @@
-"""Conditional normalizing flows over fibers: the CFLOW decoder (SPEC section 3).
+"""Conditional normalizing flows over fibers: the CFLOW decoder (docs/design.md sections 4-5).
 
 One decoder per tapped encoder layer. A decoder is `coupling_blocks` identical blocks, each the composition
 (FrEIA's AllInOneBlock, as both references use it)

@@ -1,4 +1,4 @@
-"""Evaluation as pure functions from scores, labels, maps and masks to numbers (SPEC section 6).
+"""Evaluation as pure functions from scores, labels, maps and masks to numbers (docs/design.md section 8).
 
 Everything is exact: a curve has one point per distinct score, ties included, so AUROC equals
 scikit-learn's and AUPRO equals a per-threshold loop over every score. Nothing is binned.

@@ -1,4 +1,4 @@
-"""Training the decoders (SPEC section 4): fibers, chunks, optax Adam with the reference schedule.
+"""Training the decoders (docs/design.md section 6): fibers, chunks, optax Adam with the reference schedule.
 
 Per image batch the frozen encoder runs once; then, per tapped layer, all B*h*w fibers and their positional
 codes are shuffled jointly with an explicit key and cut into chunks of N, one Adam step per chunk. A layer's
