@@ -67,8 +67,9 @@ class Config:
   # points over three seeds (README).
   blur_sigma: float = 4.0
   # The flows' subnet matmuls when scoring (training: `train_dtype`): "bfloat16" rounds their inputs and
-  # sums in float32, 1.4x faster scoring on an AMX CPU, AUROC within 0.01 points of float32 (README);
-  # "auto" picks it only where the hardware has bfloat16 units (GPU, TPU, AMX), else float32 (`precision`).
+  # sums in float32, faster where the hardware multiplies bfloat16, AUROC within 0.01 points of float32
+  # (docs/results.md); "auto" picks it only where the hardware has bfloat16 units (GPU, TPU, AMX), else
+  # float32 (`precision`).
   score_dtype: str = "auto"
 
   def __post_init__(self):
