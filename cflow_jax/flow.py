@@ -327,6 +327,3 @@ def train_flops(channels: int, condition_dim: int = 128, coupling_blocks: int = 
   fibers, condition, second = _matmul_flops(channels, condition_dim)
   return coupling_blocks * (2 * (fibers + condition + second) + second) + (coupling_blocks - 1) * fibers
 
-
-def count_params(params) -> int:
-  return sum(int(a.size) for a in jax.tree.leaves(params))
