@@ -1,6 +1,7 @@
 """Training: schedule, parity with anomalib's loop, compile-once chunk loop, determinism, exact resume,
 divergence and config checks."""
 
+import contextlib
 import dataclasses
 import math
 import pathlib
@@ -47,6 +48,28 @@ def _leaves(state):
   return [np.asarray(a) for a in jax.tree.leaves((state.params, state.opt_states))]
 
 
+@contextlib.contextmanager
+def _lowered():
+  """The names of the functions JAX lowers to compile meanwhile (each program then compiles, or loads
+  from the persistent cache), from jax.monitoring's public events: a call that reuses a compiled
+  program lowers nothing."""
+  names = []
+
+  def listen(event, duration, **kwargs):
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+      names.append(kwargs.get("fun_name", ""))
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield names
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def _compilations(names, jitted) -> int:
+  return sum(jitted.__name__ in name for name in names)
+
+
 def test_reference_schedule_warms_up_then_decays_per_meta_epoch():
   config = Config(lr=2e-4, meta_epochs=25, sub_epochs=8, warmup_epochs=2)
   schedule = train.learning_rate(config, batches_per_epoch=5)
@@ -75,21 +98,22 @@ def test_train_step_compiles_once_and_same_seed_gives_same_parameters(encoder_va
   config = SMALL
   model = model_lib.build(config)
   layout = sharding.train_layout(train.layer_costs(model))
+  train.make_train_layer.cache_clear()  # compiled afresh here, whatever earlier tests compiled
   step = train.make_train_layer(model, layout.split_mesh)
-  first, _ = _fit(config, encoder_variables)
+  with _lowered() as names:
+    first, _ = _fit(config, encoder_variables)
   # Three image batches per epoch, two epochs, a new learning rate every batch: one compilation per layer.
-  assert step._cache_size() == 3
-  second, _ = _fit(config, encoder_variables)
+  assert _compilations(names, step) == 3, names
+  with _lowered() as names:
+    second, _ = _fit(config, encoder_variables)  # later runs of the same config reuse the compiled steps
+    state = train._place(train.init_state(model, jax.random.key(0)), layout)
+    features = model_lib.encode(model, encoder_variables, layout.put_images(IMAGES[:4]))
+    _, _, losses = train.train_batch(model, layout, state.params, state.opt_states, state.permutations,
+                                     features, train.layer_key_data(jax.random.key(1), 3), np.float32(1e-3))
+  assert _compilations(names, step) == 0, names
   for a, b in zip(_leaves(first), _leaves(second)):
     np.testing.assert_array_equal(a, b)
-  assert step._cache_size() == 3  # later runs of the same config reuse the compiled steps
-
-  state = train._place(train.init_state(model, jax.random.key(0)), layout)
-  features = model_lib.encode(model, encoder_variables, layout.put_images(IMAGES[:4]))
-  _, _, losses = train.train_batch(model, layout, state.params, state.opt_states, state.permutations,
-                                   features, train.layer_key_data(jax.random.key(1), 3), np.float32(1e-3))
   assert [l.shape for l in losses] == [(8,), (2,), (1,)]  # 4*8*8/32, 4*4*4/32, max(4*2*2/32, 1)
-  assert step._cache_size() == 3
 
 
 def test_an_image_batch_step_is_adam_at_the_learning_rate_it_is_given(encoder_variables):
@@ -289,15 +313,16 @@ def test_a_short_last_batch_reuses_the_compiled_steps(encoder_variables):
   model = model_lib.build(config)
   assert train.padded_chunks(model, 2, 4) == (16, 4, 1)  # 2 * 8 * 8 / 8, 2 * 4 * 4 / 8, 2 * 2 * 2 / 8
   assert train.padded_chunks(model_lib.build(SMALL), 2, 4) is None  # layer 3: 8 real fibers, chunks of 16
+  train.make_train_layer.cache_clear()  # compiled afresh here, whatever earlier tests compiled
   step = train.make_train_layer(model, sharding.train_layout(train.layer_costs(model)).split_mesh)
-  before = step._cache_size()
 
   def batches(epoch):
     for i in range(0, 10, 4):
       yield IMAGES[i:min(i + 4, 10)]
 
-  state, history = train.fit(model, encoder_variables, batches, 3, progress=False, log=lambda s: None)
-  assert step._cache_size() - before == 3
+  with _lowered() as names:
+    state, history = train.fit(model, encoder_variables, batches, 3, progress=False, log=lambda s: None)
+  assert _compilations(names, step) == 3, names
   assert history["fibers_per_epoch"] == 10 * sum(h * h for h in model.feature_sizes())
   assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(state.params))
   assert all(np.isfinite(history["epoch_loss"]))
