@@ -131,7 +131,7 @@ def test_an_image_batch_step_is_adam_at_the_learning_rate_it_is_given(encoder_va
     x, c = model_lib.fibers_and_condition(f, config.condition_dim)
     loss = lambda p: flow.nll_loss(flow.log_prob(p, state.permutations[layer], x, c, config.clamp),
                                    x.shape[-1])
-    grads = jax.grad(loss)(state.params[layer])
+    grads = jax.jit(jax.grad(loss))(state.params[layer])  # compiled: op by op, the flow is slow
     adam = optax.adam(lr)
     updates, _ = adam.update(grads, adam.init(state.params[layer]))
     expected = optax.apply_updates(state.params[layer], updates)
@@ -253,10 +253,11 @@ def test_the_chunk_loop_is_one_adam_step_per_chunk_in_order(fiber_batch, drop_re
   main, last = train._chunk_indices(key, x.shape[0], config)
   chunks = list(main) + ([] if last is None else [last])
   adam = optax.adam(lr)
+  loss_fn = lambda p, idx: flow.nll_loss(flow.log_prob(p, permutations, x[idx], c[idx], config.clamp), 16)
+  loss_and_grads = jax.jit(jax.value_and_grad(loss_fn))  # compiled: op by op, the flow is slow
   expected, adam_state, expected_losses = params, adam.init(params), []
   for idx in chunks:
-    loss_fn = lambda p: flow.nll_loss(flow.log_prob(p, permutations, x[idx], c[idx], config.clamp), 16)
-    loss, grads = jax.value_and_grad(loss_fn)(expected)
+    loss, grads = loss_and_grads(expected, idx)
     updates, adam_state = adam.update(grads, adam_state)
     expected, expected_losses = optax.apply_updates(expected, updates), expected_losses + [loss]
   np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
