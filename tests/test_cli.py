@@ -22,6 +22,7 @@ import cflow_jax as cf
 from cflow_jax import checkpoint, compile_cache
 
 REPO = pathlib.Path(__file__).parents[1]
+pytestmark = pytest.mark.slow  # the scripts run as subprocesses, each starting JAX and compiling
 TINY = ("--dataset=demo", "--category=brick", "--image_size=64", "--epochs=1", "--max_train=8",
         "--max_test=8", "--num_pictures=1")
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1", "pixel_f1")

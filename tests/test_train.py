@@ -94,6 +94,7 @@ def test_chunks_drop_or_absorb_the_remainder():
   assert sorted(everything.tolist()) == list(range(70))  # a joint shuffle: each fiber exactly once
 
 
+@pytest.mark.slow
 def test_train_step_compiles_once_and_same_seed_gives_same_parameters(encoder_variables):
   config = SMALL
   model = model_lib.build(config)
@@ -307,6 +308,7 @@ def test_a_padded_short_batch_trains_on_its_real_fibers_only():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=lr * 1e-2)
 
 
+@pytest.mark.slow
 def test_a_short_last_batch_reuses_the_compiled_steps(encoder_variables):
   """Ten images in batches of four: the last batch of two is padded (fiber_batch 8 fits every layer's
   real fibers), so each layer compiles once, and its losses are those of its real steps only."""
