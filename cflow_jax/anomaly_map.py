@@ -1,4 +1,4 @@
-"""From per-layer log-likelihoods to anomaly maps and image scores (SPEC section 5).
+"""From per-layer log-likelihoods to anomaly maps and image scores (docs/design.md section 7).
 
 Per layer: exp(log p - max), upsampled bilinearly (align_corners=True, as the original code) to the input
 size; the layers are summed and the map is `map_max - sum`, so likely pixels score low. The image score is

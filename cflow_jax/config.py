@@ -1,4 +1,4 @@
-"""One frozen configuration with the reference defaults (SPEC sections 1-5, the original code "O").
+"""One frozen configuration with the reference defaults (docs/design.md sections 2-7, the original code "O").
 
 Flags and callers override fields with `dataclasses.replace`; nothing else in the library has defaults
 of its own for these choices.
@@ -31,13 +31,13 @@ class Config:
   # "float32" keeps them unrounded, as anomalib's torchvision pipeline does.
   image_dtype: str = "uint8"
 
-  # --- Decoder: one conditional flow per tapped layer (SPEC section 3) ---
+  # --- Decoder: one conditional flow per tapped layer (docs/design.md section 4) ---
   condition_dim: int = 128  # P, the positional code's length
   coupling_blocks: int = 8
   clamp: float = 1.9  # alpha in j = alpha * tanh(s)
   permutation: str = "hard"  # "hard" (A) or "soft" (O: a random rotation; slower)
 
-  # --- Training (SPEC section 4) ---
+  # --- Training (docs/design.md section 6) ---
   fiber_batch: int = 256  # N fibers per optimiser step (O: 256, A: 64)
   drop_remainder: bool = True  # O drops the last partial chunk; False lets it absorb into the last step (A)
   batch_size: int = 32  # images per encoder pass
@@ -60,7 +60,7 @@ class Config:
   cache_features: bool = False
   seed: int = 42
 
-  # --- Scoring (SPEC section 5) ---
+  # --- Scoring (docs/design.md section 7) ---
   # "train": per-layer maxima fixed from training data (default; an image's score never depends on others);
   # "test_set": maxima over all scored images (O); "batch": maxima over each batch (A).
   normalization: str = "train"
@@ -72,8 +72,9 @@ class Config:
   # points over three seeds (README).
   blur_sigma: float = 4.0
   # The flows' subnet matmuls when scoring (training: `train_dtype`): "bfloat16" rounds their inputs and
-  # sums in float32, 1.4x faster scoring on an AMX CPU, AUROC within 0.01 points of float32 (README);
-  # "auto" picks it only where the hardware has bfloat16 units (GPU, TPU, AMX), else float32 (`precision`).
+  # sums in float32, faster where the hardware multiplies bfloat16, AUROC within 0.01 points of float32
+  # (docs/results.md); "auto" picks it only where the hardware has bfloat16 units (GPU, TPU, AMX), else
+  # float32 (`precision`).
   score_dtype: str = "auto"
 
   def __post_init__(self):

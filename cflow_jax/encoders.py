@@ -1,4 +1,4 @@
-"""The frozen encoders whose intermediate feature maps CFLOW models (SPEC section 1).
+"""The frozen encoders whose intermediate feature maps CFLOW models (docs/design.md section 2).
 
 ResNets follow torchvision's architecture (v1.5: a bottleneck's stride sits on its 3x3 conv) and return the
 outputs of layer2, layer3 and layer4; VGG16 returns relu3_3, relu4_3 and relu5_3 for the HED edge weights.
@@ -56,8 +56,8 @@ PADDINGS = ("zeros", "reflect")
 _HE_NORMAL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 # Where a 3x3 stride-1 convolution runs as Winograd's minimal filtering on the CPU (one image at a time, as
 # the CPU path encodes; experiments/bench_conv.py): F(4x4, 3x3) on maps from WINOGRAD_4X4_SIZE pixels a side
-# with WINOGRAD_4X4_CHANNELS input channels or more (vgg16_hed's block2_conv2: the whole encoder 1.02-1.07x
-# faster than with F(2x2) there), F(2x2, 3x3) elsewhere from WINOGRAD_CHANNELS input channels. On smaller
+# with WINOGRAD_4X4_CHANNELS input channels or more (vgg16_hed's block2_conv2, where the whole encoder gained
+# over F(2x2); docs/results.md), F(2x2, 3x3) elsewhere from WINOGRAD_CHANNELS input channels. On smaller
 # maps F(4x4)'s 36 transformed kernels outweigh its fewer tiles; on 64-channel maps the layers alone ran
 # faster as F(4x4) but the whole encoder slower.
 WINOGRAD_CHANNELS = 128

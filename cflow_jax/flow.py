@@ -1,4 +1,4 @@
-"""Conditional normalizing flows over fibers: the CFLOW decoder (SPEC section 3).
+"""Conditional normalizing flows over fibers: the CFLOW decoder (docs/design.md sections 4-5).
 
 One decoder per tapped encoder layer. A decoder is `coupling_blocks` identical blocks, each the composition
 (FrEIA's AllInOneBlock, as both references use it)
@@ -63,9 +63,8 @@ class Permutation(distrax.Bijector):
 
 def _dense(x, w, dtype):
   """x @ w with its inputs rounded to `dtype` and the products summed in float32: bfloat16 keeps ~3
-  significant digits per input and runs on AMX units (a large matmul ~4.6x float32's rate on an AMX CPU;
-  scoring ~1.4x faster) and on GPU / TPU matrix units. Its gradients are bfloat16 matmuls too
-  (`_mixed_matmul`)."""
+  significant digits per input and runs on the matrix units of AMX CPUs, GPUs and TPUs, faster than
+  float32 (docs/results.md). Its gradients are bfloat16 matmuls too (`_mixed_matmul`)."""
   if jnp.dtype(dtype) == jnp.float32:
     return x @ w
   return _mixed_matmul(x, w, jnp.dtype(dtype))
@@ -74,7 +73,7 @@ def _dense(x, w, dtype):
 def _row_major_transpose(a):
   """a.T of a matrix, written out. XLA folds a plain transpose into the matmul that reads it, and the
   CPU's bfloat16 matmuls (AMX) take only untransposed row-major operands: a folded one is run in float32
-  on Eigen instead (~5x slower). A transpose through a unit axis is not folded."""
+  on Eigen instead, far slower. A transpose through a unit axis is not folded."""
   m, n = a.shape
   return a.reshape(m, n, 1).transpose(1, 0, 2).reshape(n, m)
 
@@ -146,7 +145,7 @@ def coupling_block(block, permutation, condition, clamp, dtype=jnp.float32):
 def _flow(params, permutations, x, condition, clamp, inverse, dtype):
   """Runs all blocks on fibers x (..., C) with conditions (..., P); returns (output, log-det (...))."""
   # A Python loop (an unrolled scan): the blocks compile as one straight-line program that XLA fuses
-  # across block borders; training at small N is overhead-bound and runs ~1.2x faster so on the CPU.
+  # across block borders, which pays on the CPU, where training at small N is overhead-bound.
   order = range(num_blocks(params))
   log_det = jnp.zeros((), x.dtype)
   for i in (reversed(order) if inverse else order):
@@ -187,9 +186,8 @@ def split_blocks(tree, condition_dim: int | None = None):
 
   The training loop carries a decoder and its Adam moments so: indexing a stacked array inside a
   compiled step copies the block out every step, and stacking the blocks' gradients copies them back,
-  two passes over every parameter per optimiser step (~6% of a step at N = 64 on the CPU); slicing w1's
-  rows apart copies them every step too, and their gradients are padded back to w1's shape and summed
-  (~7% more).
+  two passes over every parameter per optimiser step; slicing w1's rows apart copies them every step too,
+  and their gradients are padded back to w1's shape and summed (docs/results.md has what each cost).
   """
   def split(path, a):
     if not jnp.ndim(a):
@@ -329,6 +327,3 @@ def train_flops(channels: int, condition_dim: int = 128, coupling_blocks: int = 
   fibers, condition, second = _matmul_flops(channels, condition_dim)
   return coupling_blocks * (2 * (fibers + condition + second) + second) + (coupling_blocks - 1) * fibers
 
-
-def count_params(params) -> int:
-  return sum(int(a.size) for a in jax.tree.leaves(params))

@@ -1,4 +1,4 @@
-"""Evaluation as pure functions from scores, labels, maps and masks to numbers (SPEC section 6).
+"""Evaluation as pure functions from scores, labels, maps and masks to numbers (docs/design.md section 8).
 
 Everything is exact: a curve has one point per distinct score, ties included, so AUROC equals
 scikit-learn's and AUPRO equals a per-threshold loop over every score. Nothing is binned.
@@ -32,8 +32,8 @@ def _tally(scores, positive, weight=None) -> _Tally:
   """Counts above every distinct score of the flat arrays `scores` and `positive` (bool).
 
   `weight` gives each positive sample's weight, in the order of `scores[positive]`; None weighs each 1.
-  Instead of one argsort over all samples this sorts the negatives by value alone (a plain sort is about
-  twice as fast as an argsort) and argsorts only the positives, which are few among pixels, then merges
+  Instead of one argsort over all samples this sorts the negatives by value alone (a plain sort is cheaper
+  than an argsort) and argsorts only the positives, which are few among pixels, then merges
   the two sorted lists by binary search.
   """
   pos_scores = scores[positive]

@@ -52,8 +52,8 @@ def init_decoders(model: Model, key):
 
 
 # On the CPU, each device runs the encoder image by image and the flows about this many fibers at a time
-# (whole positions of its batch): the working set then stays in cache, and scoring runs ~1.4x faster than
-# on whole batches (experiments/bench_speed.py).
+# (whole positions of its batch): the working set then stays in cache, which scores faster than whole
+# batches do (experiments/bench_speed.py; figures in docs/results.md).
 _CPU_FIBER_BLOCK = 1024
 
 

@@ -1,4 +1,4 @@
-"""The 2-D sinusoidal positional code that conditions every flow (SPEC section 2)."""
+"""The 2-D sinusoidal positional code that conditions every flow (docs/design.md section 3)."""
 
 import jax.numpy as jnp
 

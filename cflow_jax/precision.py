@@ -1,9 +1,9 @@
 """The input type of the flows' matmuls, from a Config field: "float32", "bfloat16" or "auto".
 
 bfloat16 inputs with float32 sums pay only where the hardware multiplies bfloat16 natively: GPU tensor
-cores, TPU matrix units, a CPU with AMX (scoring 1.4x faster there). A CPU without it converts every
-operand to float32 first: on an AVX2-only EPYC, scoring ran at 0.80x float32's rate and training at
-0.85x (README). "auto" therefore picks bfloat16 only where it is native.
+cores, TPU matrix units, a CPU with AMX. A CPU without it converts every operand to float32 first, so
+there bfloat16 scores and trains slower than float32 (docs/results.md). "auto" therefore picks bfloat16
+only where it is native.
 """
 
 import functools

@@ -15,7 +15,7 @@ import numpy as np
 
 from cflow_jax.errors import UserError
 
-# (key of an evaluate() dict, title), in the column order of the published tables (SPEC section 8).
+# (key of an evaluate() dict, title), in the column order of the published tables (docs/design.md section 9).
 TABLE_METRICS = (
     ("image_auroc", "Image AUROC"),
     ("pixel_auroc", "Pixel AUROC"),

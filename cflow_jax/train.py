@@ -1,4 +1,4 @@
-"""Training the decoders (SPEC section 4): fibers, chunks, optax Adam with the reference schedule.
+"""Training the decoders (docs/design.md section 6): fibers, chunks, optax Adam with the reference schedule.
 
 Per image batch the frozen encoder runs once; then, per tapped layer, all B*h*w fibers and their positional
 codes are shuffled jointly with an explicit key and cut into chunks of N, one Adam step per chunk. A layer's
@@ -241,8 +241,8 @@ def train_batch(model, layout: sharding.Layout, params, opt_states, permutations
 
 def padded_chunks(model, valid_images: int, batch_size: int) -> tuple[int, ...] | None:
   """The steps each layer takes on a short batch of `valid_images` padded to `batch_size` images, or None
-  where padding would not train as the batch alone would (then it compiles its own programs, ~30 s at
-  256 px): each layer's real fibers must fill at least one chunk and, where the last chunk would take a
+  where padding would not train as the batch alone would (then it compiles its own programs): each layer's
+  real fibers must fill at least one chunk and, where the last chunk would take a
   remainder (`drop_remainder` False), leave none, and a full batch must not be one chunk longer than N
   (whose fibers a padded batch cannot tell apart)."""
   config, steps = model.config, []

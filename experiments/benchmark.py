@@ -24,8 +24,9 @@ flags.DEFINE_list("categories", None, "Comma-separated categories. Default: all 
 flags.DEFINE_string("workdir", None, "Root of the per-category runs and of the tables. Default: "
                     "runs/<dataset>.")
 
-# SPEC section 8: CFLOW-AD paper, WRN-50-2 at 256 px, per class (image AUROC, pixel AUROC) in percent. The
-# paper picks each metric's best epoch on the test set and averages 4 runs; ours reports the last epoch.
+# docs/design.md section 9: CFLOW-AD paper, WRN-50-2 at 256 px, per class (image AUROC, pixel AUROC) in
+# percent. The paper picks each metric's best epoch on the test set and averages 4 runs; ours reports the
+# last epoch.
 PAPER = {
     "bottle": (100.0, 98.98), "cable": (97.59, 97.64), "capsule": (97.68, 98.98), "carpet": (98.73, 99.25),
     "grid": (99.60, 98.99), "hazelnut": (99.98, 98.89), "leather": (100.0, 99.66),

@@ -49,9 +49,9 @@ DEFECT_CLASSES = ("MT_Blowhole", "MT_Break", "MT_Crack", "MT_Fray", "MT_Uneven")
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 ACCURACY = ("image_auroc", "pixel_auroc", "image_f1")
-# The same trained models with the maxima of SPEC section 5 taken over the whole test set (the original
-# code's rule), over each batch (anomalib's) and over batches of a shuffled test order: the first makes
-# the two sides' numbers comparable without either depending on batch composition. Ours from
+# The same trained models with the maxima of docs/design.md section 7.2 taken over the whole test set (the
+# original code's rule), over each batch (anomalib's) and over batches of a shuffled test order: the first
+# makes the two sides' numbers comparable without either depending on batch composition. Ours from
 # experiments/normalization_study.py, anomalib's from the log-likelihoods its map generator saw.
 # Post-processing: ours blurs its maps (--blur_sigma, our default); "test_set_unblurred" is our map without
 # it, "test_set_blurred" anomalib's with it, so each side is also seen with the other's.

@@ -1,10 +1,10 @@
 """How the anomaly map's normalisation constants change the scores of one trained model.
 
-SPEC section 5 turns per-layer log-likelihoods into a map with exp(log p - c_l) per layer; the constants c_l
-set how much each layer weighs in the sum. The references take c_l from the images scored together (the
-whole test set, or each batch); our default fixes them from the training images. This script scores the
-test set once, keeps every layer's log p / C, and recomputes the maps under each rule, so that the rules are
-compared on exactly the same likelihoods:
+docs/design.md section 7.1 turns per-layer log-likelihoods into a map with exp(log p - c_l) per layer; the
+constants c_l set how much each layer weighs in the sum. The references take c_l from the images scored
+together (the whole test set, or each batch); our default fixes them from the training images. This script
+scores the test set once, keeps every layer's log p / C, and recomputes the maps under each rule, so that
+the rules are compared on exactly the same likelihoods:
 
   train           the run's own constants: max over the training fibers (fixed; our default)
   train_q<q>      the q-quantile of the training fibers' log p (fixed; with --quantiles, which needs
@@ -13,8 +13,8 @@ compared on exactly the same likelihoods:
   batch           max over each batch of --batch_size test images in file order (anomalib)
   batch_shuffled  the same over batches of the test images in a random order: a score that moves
                   between `batch` and this depends on which images share its batch
-  test_set_unblurred  test_set without the run's Gaussian blur (SPEC section 5's map exactly), when the
-                  run blurs; every other rule blurs as the run does (--blur_sigma)
+  test_set_unblurred  test_set without the run's Gaussian blur (docs/design.md section 7.1's map
+                  exactly), when the run blurs; every other rule blurs as the run does (--blur_sigma)
 
   .venv/bin/python experiments/normalization_study.py --workdir=RUN --dataset=folder \
       --data_dir=DATA --category=magnetic_tile [--quantiles 0.99 0.999]

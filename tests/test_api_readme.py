@@ -3,6 +3,10 @@
 import pathlib
 import re
 
+import pytest
+
+pytestmark = pytest.mark.slow  # trains, scores and reloads a model end to end
+
 README = pathlib.Path(__file__).parents[1] / "README.md"
 
 

@@ -55,7 +55,7 @@ def seeded_variables(name):
 
 
 @pytest.mark.parametrize("name,padding", [("resnet18", "zeros"), ("resnet18", "reflect"),
-                                          ("wide_resnet50_2", "zeros")])
+                                          pytest.param("wide_resnet50_2", "zeros", marks=pytest.mark.slow)])
 def test_resnet_matches_torchvision(reference, name, padding):
   features = run(name, padding, seeded_variables(name), reference[f"{name}/images"])
   assert len(features) == 3

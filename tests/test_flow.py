@@ -129,7 +129,7 @@ def test_wide_resnet_decoders_hold_81_6_million_parameters():
   for channels in (512, 1024, 2048):  # WRN-50-2 layer2/3/4
     shapes = jax.eval_shape(lambda k, ch=channels: flow.init_decoder(k, ch)[0], jax.random.key(0))
     total += sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
-  assert total == 81_647_616  # SPEC: "about 81.6 M"
+  assert total == 81_647_616  # docs/design.md section 4.5
 
 
 def _xla_flops(fn, *args):

@@ -2,10 +2,12 @@
 
 import jax
 import numpy as np
+import pytest
 
 import cflow_jax as cf
 from cflow_jax import encoders, multi
 
+pytestmark = pytest.mark.slow  # four whole training runs
 
 def test_vmapped_categories_match_separate_runs():
   config = cf.Config(backbone="resnet18", image_size=64, coupling_blocks=2, fiber_batch=64, batch_size=16,

@@ -69,7 +69,7 @@ def test_training_with_auto_takes_the_type_auto_resolves_to(monkeypatch, tmp_pat
       layer = len(model.channels) - 1
       size, channels = model.feature_sizes()[layer], model.channels[layer]
       features = jax.random.normal(jax.random.key(1), (1, size, size, channels))
-      step = train.train_layer_fn(model)
+      step = jax.jit(train.train_layer_fn(model))  # "auto" resolves when this traces
       out = step(state.params[layer], state.opt_states[layer], state.permutations[layer], features,
                  jax.random.key(2), np.float32(1e-3))
       losses[name] = np.asarray(out[2])

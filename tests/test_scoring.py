@@ -75,6 +75,7 @@ def test_fixed_normalisation_makes_scores_independent_of_the_batch():
   assert np.abs(per_batch[0] - per_batch_alone[0]).max() > 1e-3
 
 
+# Trains and checkpoints a whole model: the tests that use it are marked slow.
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   module, _ = encoders.create_encoder("resnet18")
@@ -85,6 +86,7 @@ def trained(tmp_path_factory):
   return detector, variables, workdir
 
 
+@pytest.mark.slow
 def test_scores_do_not_depend_on_other_images_and_survive_a_checkpoint(trained):
   detector, variables, workdir = trained
   test_set = cf.data.load("demo", "test", "brick")
@@ -102,6 +104,7 @@ def test_scores_do_not_depend_on_other_images_and_survive_a_checkpoint(trained):
                                 np.asarray(detector.normalization.layer_max))
 
 
+@pytest.mark.slow
 def test_a_finished_run_scores_whatever_its_optimiser_state_layout(trained, tmp_path):
   """Scoring reads only decoders, permutations and normalisation; resuming needs the whole state and says
   clearly when its layout differs (here: optax.adam's chained state, which older versions wrote)."""
@@ -118,6 +121,7 @@ def test_a_finished_run_scores_whatever_its_optimiser_state_layout(trained, tmp_
     checkpoint.restore(tmp_path, like)
 
 
+@pytest.mark.slow
 def test_evaluate_reports_every_metric_and_whole_set_normalisation_scores_are_map_maxima(trained, capsys):
   detector, _, _ = trained
   test_set = cf.data.load("demo", "test", "brick")
@@ -137,6 +141,7 @@ def test_evaluate_reports_every_metric_and_whole_set_normalisation_scores_are_ma
   assert np.isclose(whole.maps.max(axis=(1, 2)), whole.scores).all()
 
 
+@pytest.mark.slow
 def test_load_refuses_other_encoder_weights(trained):
   _, variables, workdir = trained
   other = jax.tree.map(lambda a: a + 1.0, variables)
@@ -144,6 +149,7 @@ def test_load_refuses_other_encoder_weights(trained):
     cf.load(workdir, encoder_variables=other)
 
 
+@pytest.mark.slow
 def test_cached_features_train_like_encoding_every_epoch(trained):
   _, variables, _ = trained
   config = dataclasses.replace(CONFIG, sub_epochs=2)
@@ -157,6 +163,7 @@ def test_cached_features_train_like_encoding_every_epoch(trained):
     dataclasses.replace(config, cache_features=True, rotation=5.0)
 
 
+@pytest.mark.slow
 def test_keeping_the_last_short_batch_trains_on_every_image(trained):
   """anomalib's data loader ends an epoch with a shorter batch; the original drops it. 48 images in
   batches of 10: 40 or 48 images an epoch, on the encoded and the cached-feature paths alike."""
@@ -175,6 +182,7 @@ def test_keeping_the_last_short_batch_trains_on_every_image(trained):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_cache_blocked_scoring_on_one_cpu_equals_whole_batch_scoring(trained, monkeypatch):
   """On one CPU device the encoder runs image by image and the flows in blocks of fibers; on accelerators
   the whole batch goes at once. Both give the same log-likelihoods, remainders of blocks included."""
@@ -193,6 +201,7 @@ def test_cache_blocked_scoring_on_one_cpu_equals_whole_batch_scoring(trained, mo
     np.testing.assert_allclose(blocked, whole, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_auto_score_dtype_scores_in_bfloat16_only_on_native_hardware(trained, monkeypatch):
   """`score_dtype="auto"` (the default) scores exactly as bfloat16 where the hardware multiplies it
   natively and as float32 elsewhere (`cflow_jax.precision`), and the two really differ."""

@@ -6,6 +6,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a subprocess that compiles everything for eight devices
+
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     import cflow_jax as cf

@@ -1,6 +1,7 @@
 """Training: schedule, parity with anomalib's loop, compile-once chunk loop, determinism, exact resume,
 divergence and config checks."""
 
+import contextlib
 import dataclasses
 import math
 import pathlib
@@ -45,6 +46,28 @@ def _fit(config, encoder_variables, workdir=None, batches=None):
 
 def _leaves(state):
   return [np.asarray(a) for a in jax.tree.leaves((state.params, state.opt_states))]
+
+
+@contextlib.contextmanager
+def _lowered():
+  """The names of the functions JAX lowers to compile meanwhile (each program then compiles, or loads
+  from the persistent cache), from jax.monitoring's public events: a call that reuses a compiled
+  program lowers nothing."""
+  names = []
+
+  def listen(event, duration, **kwargs):
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+      names.append(kwargs.get("fun_name", ""))
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield names
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def _compilations(names, jitted) -> int:
+  return sum(jitted.__name__ in name for name in names)
 
 
 def _original_rates(lr, meta_epochs, sub_epochs, batches_per_epoch, warmup_epochs=2):
@@ -114,26 +137,28 @@ def test_chunks_drop_or_absorb_the_remainder():
   assert sorted(everything.tolist()) == list(range(70))  # a joint shuffle: each fiber exactly once
 
 
+@pytest.mark.slow
 def test_train_step_compiles_once_and_same_seed_gives_same_parameters(encoder_variables):
   config = SMALL
   model = model_lib.build(config)
   layout = sharding.train_layout(train.layer_costs(model))
+  train.make_train_layer.cache_clear()  # compiled afresh here, whatever earlier tests compiled
   step = train.make_train_layer(model, layout.split_mesh)
-  first, _ = _fit(config, encoder_variables)
+  with _lowered() as names:
+    first, _ = _fit(config, encoder_variables)
   # Three image batches per epoch, two epochs, a new learning rate every batch: one compilation per layer.
-  assert step._cache_size() == 3
-  second, _ = _fit(config, encoder_variables)
+  assert _compilations(names, step) == 3, names
+  with _lowered() as names:
+    second, _ = _fit(config, encoder_variables)  # later runs of the same config reuse the compiled steps
+    state = train._place(train.init_state(model, jax.random.key(0)), layout)
+    features = model_lib.encode(model, encoder_variables, layout.put_images(IMAGES[:4]))
+    _, _, losses = train.train_batch(model, layout, state.params, state.opt_states, state.permutations,
+                                     features, train.layer_key_data(jax.random.key(1), 3),
+                                     tuple(np.full(n, 1e-3, np.float32) for n in (8, 2, 1)))
+  assert _compilations(names, step) == 0, names
   for a, b in zip(_leaves(first), _leaves(second)):
     np.testing.assert_array_equal(a, b)
-  assert step._cache_size() == 3  # later runs of the same config reuse the compiled steps
-
-  state = train._place(train.init_state(model, jax.random.key(0)), layout)
-  features = model_lib.encode(model, encoder_variables, layout.put_images(IMAGES[:4]))
-  _, _, losses = train.train_batch(model, layout, state.params, state.opt_states, state.permutations,
-                                   features, train.layer_key_data(jax.random.key(1), 3),
-                                   tuple(np.full(n, 1e-3, np.float32) for n in (8, 2, 1)))
   assert [l.shape for l in losses] == [(8,), (2,), (1,)]  # 4*8*8/32, 4*4*4/32, max(4*2*2/32, 1)
-  assert step._cache_size() == 3
 
 
 def test_an_image_batch_step_is_adam_at_the_learning_rate_it_is_given(encoder_variables):
@@ -151,7 +176,7 @@ def test_an_image_batch_step_is_adam_at_the_learning_rate_it_is_given(encoder_va
     x, c = model_lib.fibers_and_condition(f, config.condition_dim)
     loss = lambda p: flow.nll_loss(flow.log_prob(p, state.permutations[layer], x, c, config.clamp),
                                    x.shape[-1])
-    grads = jax.grad(loss)(state.params[layer])
+    grads = jax.jit(jax.grad(loss))(state.params[layer])  # compiled: op by op, the flow is slow
     adam = optax.adam(lr)
     updates, _ = adam.update(grads, adam.init(state.params[layer]))
     expected = optax.apply_updates(state.params[layer], updates)
@@ -273,10 +298,11 @@ def test_the_chunk_loop_is_one_adam_step_per_chunk_in_order(fiber_batch, drop_re
   main, last = train._chunk_indices(key, x.shape[0], config)
   chunks = list(main) + ([] if last is None else [last])
   adam = optax.adam(lr)
+  loss_fn = lambda p, idx: flow.nll_loss(flow.log_prob(p, permutations, x[idx], c[idx], config.clamp), 16)
+  loss_and_grads = jax.jit(jax.value_and_grad(loss_fn))  # compiled: op by op, the flow is slow
   expected, adam_state, expected_losses = params, adam.init(params), []
   for idx in chunks:
-    loss_fn = lambda p: flow.nll_loss(flow.log_prob(p, permutations, x[idx], c[idx], config.clamp), 16)
-    loss, grads = jax.value_and_grad(loss_fn)(expected)
+    loss, grads = loss_and_grads(expected, idx)
     updates, adam_state = adam.update(grads, adam_state)
     expected, expected_losses = optax.apply_updates(expected, updates), expected_losses + [loss]
   np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
@@ -326,6 +352,7 @@ def test_a_padded_short_batch_trains_on_its_real_fibers_only():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=lr * 1e-2)
 
 
+@pytest.mark.slow
 def test_a_short_last_batch_reuses_the_compiled_steps(encoder_variables):
   """Ten images in batches of four: the last batch of two is padded (fiber_batch 8 fits every layer's
   real fibers), so each layer compiles once, and its losses are those of its real steps only."""
@@ -333,15 +360,16 @@ def test_a_short_last_batch_reuses_the_compiled_steps(encoder_variables):
   model = model_lib.build(config)
   assert train.padded_chunks(model, 2, 4) == (16, 4, 1)  # 2 * 8 * 8 / 8, 2 * 4 * 4 / 8, 2 * 2 * 2 / 8
   assert train.padded_chunks(model_lib.build(SMALL), 2, 4) is None  # layer 3: 8 real fibers, chunks of 16
+  train.make_train_layer.cache_clear()  # compiled afresh here, whatever earlier tests compiled
   step = train.make_train_layer(model, sharding.train_layout(train.layer_costs(model)).split_mesh)
-  before = step._cache_size()
 
   def batches(epoch):
     for i in range(0, 10, 4):
       yield IMAGES[i:min(i + 4, 10)]
 
-  state, history = train.fit(model, encoder_variables, batches, 3, progress=False, log=lambda s: None)
-  assert step._cache_size() - before == 3
+  with _lowered() as names:
+    state, history = train.fit(model, encoder_variables, batches, 3, progress=False, log=lambda s: None)
+  assert _compilations(names, step) == 3, names
   assert history["fibers_per_epoch"] == 10 * sum(h * h for h in model.feature_sizes())
   assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(state.params))
   assert all(np.isfinite(history["epoch_loss"]))

@@ -44,6 +44,7 @@ def test_bfloat16_matmuls_round_the_transformed_tiles_only():
   assert 1e-4 < error < 2e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("padding", ["zeros", "reflect"])
 def test_encoder_features_are_the_same_with_and_without_winograd(padding, monkeypatch):
   """ResNet-18 at 64 px: layer3/layer4's 3x3 convolutions (256 and 512 channels) take Winograd's path on
