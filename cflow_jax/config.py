@@ -1,4 +1,5 @@
-"""One frozen configuration with the reference defaults (docs/design.md sections 2-7, the original code "O").
+"""One frozen configuration: our defaults (docs/design.md sections 2-7; where they differ from the original
+code "O" and anomalib "A", chosen by measurement: docs/results.md), and the references' recipes (`RECIPES`).
 
 Flags and callers override fields with `dataclasses.replace`; nothing else in the library has defaults
 of its own for these choices.
@@ -38,11 +39,14 @@ class Config:
   permutation: str = "hard"  # "hard" (A) or "soft" (O: a random rotation; slower)
 
   # --- Training (docs/design.md section 6) ---
-  fiber_batch: int = 256  # N fibers per optimiser step (O: 256, A: 64)
+  # N fibers per optimiser step (O: 256, A: 64). 64 gives four times O's steps per epoch, which is what
+  # a run of a few epochs needs (docs/results.md, the budget study).
+  fiber_batch: int = 64
   drop_remainder: bool = True  # O drops the last partial chunk; False lets it absorb into the last step (A)
   batch_size: int = 32  # images per encoder pass
-  # O drops an epoch's last partial image batch; False trains on it too (A: every image, every epoch).
-  drop_last_batch: bool = True
+  # True drops an epoch's last partial image batch (O); False trains on it too (A: every image, every
+  # epoch), padded to the full batch's compiled shape.
+  drop_last_batch: bool = False
   lr: float = 2e-4
   # The flows' subnet matmuls in training, forward and backward: "bfloat16" rounds their inputs (and the
   # cotangents) and sums in float32; the weights, their gradients and Adam stay float32. "auto": bfloat16
@@ -54,7 +58,10 @@ class Config:
   meta_epochs: int = 25
   sub_epochs: int = 8
   warmup: float = 0.08  # the fraction of the run that warms up (O: 2 of 25 meta-epochs)
-  rotation: float = 5.0  # train-time random rotation, degrees (0 disables and allows feature caching)
+  # Train-time random rotation in degrees (O: 5). Its black corners put fibers at the border positions
+  # that no test image has, which cost 6-8 points of pixel AUROC in short runs (the budget study); 0 also
+  # allows feature caching.
+  rotation: float = 0.0
   # Encode the training images once and keep their features in host memory for every epoch (needs
   # rotation 0; costs images * sum(h * w * C) * 4 bytes, e.g. 1.7 MB per image for vgg16_hed at 128 px).
   cache_features: bool = False

@@ -221,6 +221,7 @@ def test_auto_score_dtype_scores_in_bfloat16_only_on_native_hardware(trained, mo
   assert np.abs(log_probs("bfloat16") - log_probs("float32")).max() > 0
 
 
+@pytest.mark.slow
 def test_the_training_maxima_come_from_a_bounded_evenly_spaced_subset(trained):
   """`normalization_images` caps the pass over the training images; the maxima it fixes are those of
   exactly the chosen images."""
@@ -239,6 +240,7 @@ def test_the_training_maxima_come_from_a_bounded_evenly_spaced_subset(trained):
   assert np.all(np.asarray(got.layer_max) <= np.asarray(detector.normalization.layer_max) + 1e-6)
 
 
+@pytest.mark.slow
 def test_a_run_normalised_per_batch_skips_the_pass_and_refuses_training_maxima(trained):
   _, variables, _ = trained
   config = dataclasses.replace(CONFIG, normalization="batch")

@@ -122,10 +122,10 @@ def reference(args, data: Path, run_dir: Path, budgets: list[int], seed: int) ->
   cmd = [args.torch_python, "experiments/reference/anomalib_cflow.py", f"--data_root={data}",
          "--backbone=vgg16_hed", f"--image_size={shared['image_size']}", "--fiber_batch=64",
          f"--epochs={max(budgets)}", "--lr=1e-4", f"--batch_size={shared['batch_size']}", f"--seed={seed}",
-         f"--threads={args.threads}", f"--score_epochs={','.join(map(str, budgets))}",
+         f"--threads={args.reference_threads or args.threads}", f"--score_epochs={','.join(map(str, budgets))}",
          f"--maps_out={run_dir}", f"--out={run_dir / 'result.json'}",
          f"--hed_weights={weights.hed_weights_path()}"]
-  wall = run(cmd, run_dir / "log.txt", args.threads)
+  wall = run(cmd, run_dir / "log.txt", args.reference_threads or args.threads)
   test = np.load(run_dir / "test.npz")
   rows = []
   for epochs in budgets:
@@ -223,6 +223,9 @@ def parse_args(argv=None):
                       "(part of what identifies a run in --out)")
   parser.add_argument("--reference", action="store_true", help="also run anomalib")
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+  parser.add_argument("--reference_threads", type=int, default=None,
+                      help="CPUs and threads of anomalib's run (default --threads): 1 keeps its many small "
+                           "OpenMP regions from stalling when other work shares the CPUs")
   parser.add_argument("--torch_python", default="/work/torchenv/bin/python")
   parser.add_argument("--workdir", default="/tmp/budget_study")
   parser.add_argument("--out", default=str(OUT))
