@@ -208,7 +208,7 @@ def score_batches(detector: Detector, images, batch_size: int | None = None,
     x, n = batch["image"], len(batch["image"])
     if fixed is not None and n < batch_size:
       # Pad a short last batch to the compiled shape; with fixed constants each image is scored alone.
-      x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
+      x = sharding.pad_batch(x, batch_size)
     log_probs = model_lib.batch_log_probs(detector.model, replicated, x, mesh)
     maps, scores = _maps(log_probs, config.image_size, fixed, config.blur_sigma)
     yield batch, np.asarray(scores)[:n], np.asarray(maps)[:n]

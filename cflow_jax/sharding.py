@@ -119,3 +119,9 @@ def train_layout(layer_costs: Sequence[float], mesh: Mesh | None = None) -> Layo
     i = int(np.argmin(load))
     decoders[layer], load[i] = SingleDeviceSharding(devices[i]), load[i] + layer_costs[layer]
   return Layout(mesh, tuple(decoders))
+
+
+def pad_batch(x: np.ndarray, size: int) -> np.ndarray:
+  """A short batch (n, ...) padded with zeros to `size` rows, so that it runs the program compiled for
+  full batches instead of compiling one of its own; the caller keeps only the first n results."""
+  return np.concatenate([x, np.zeros((size - len(x),) + x.shape[1:], x.dtype)]) if len(x) < size else x

@@ -336,7 +336,7 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
       real = padded_chunks(model, valid, full) if valid < full else None
       if real is not None:
         # A short last batch, padded with zeros to the others' size, reuses their compiled programs.
-        pad = lambda x: np.concatenate([x, np.zeros((full - valid,) + x.shape[1:], x.dtype)])
+        pad = lambda x: sharding.pad_batch(x, full)
         images = tuple(map(pad, images)) if cached else pad(images)
       else:
         real = (None,) * layers  # every loss is real
