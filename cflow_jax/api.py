@@ -113,7 +113,7 @@ def fit(config: Config, train_set, *, encoder_variables=None, workdir=None, prog
 
 def normalization_subset(config: Config, train_set):
   """The training images that fix the normalisation: all of them, or `config.normalization_images` evenly
-  spaced over the set, so that the pass costs a bounded share of training (docs/results.md)."""
+  spaced over the set, so that the pass costs a bounded share of training (docs/design.md section 7.2)."""
   n, k = len(train_set), config.normalization_images
   if not k or k >= n:
     return train_set

@@ -227,7 +227,9 @@ def test_the_training_maxima_come_from_a_bounded_evenly_spaced_subset(trained):
   exactly the chosen images."""
   detector, variables, _ = trained
   train_set = cf.api.resized(CONFIG, cf.data.load("demo", "train", "brick"))
-  assert cf.api.normalization_subset(CONFIG, train_set) is train_set  # 48 images, under the cap of 64
+  for cap in (0, 48, 64):  # none, or not under the 48 images: all of them
+    assert cf.api.normalization_subset(dataclasses.replace(CONFIG, normalization_images=cap), train_set) \
+        is train_set
   config = dataclasses.replace(CONFIG, normalization_images=5)
   subset = cf.api.normalization_subset(config, train_set)
   assert [e["filename"] for e in subset] == [train_set[i]["filename"] for i in (0, 12, 24, 35, 47)]
