@@ -239,10 +239,10 @@ def epoch_scorer_class():
     epoch<E>.npz (maps in float16, scores, the training seconds so far without this scoring). Its rate is
     constant, so one run of E epochs gives every budget up to E."""
 
-    def __init__(self, args, test_loader_fn, clock):
+    def __init__(self, args, test_loader_fn, clock, recorded):
       self.epochs = {int(e) for e in args.score_epochs.split(",") if e} if args.score_epochs else set()
-      self.out, self.test_loader_fn, self.clock = args.maps_out, test_loader_fn, clock
-      self.seconds = 0.0
+      self.out, self.test_loader_fn, self.clock, self.recorded = args.maps_out, test_loader_fn, clock, recorded
+      self.image_size, self.seconds = args.image_size, 0.0
 
     def on_train_epoch_end(self, trainer, pl_module):
       import numpy as np
@@ -254,15 +254,21 @@ def epoch_scorer_class():
       began = time.perf_counter()
       trained = began - self.clock.marks["train_start"][0] - self.seconds
       maps, scores = [], []
+      self.recorded.clear()
       with torch.no_grad():
         for batch in self.test_loader_fn():
           out = pl_module(batch.image)
           maps.append(out.anomaly_map.reshape(len(batch.image), *out.anomaly_map.shape[-2:]).numpy())
           scores.append(out.pred_score.reshape(-1).numpy())
       pl_module.model.decoders.train()
+      # The same log-likelihoods with the maxima over the whole test set (the original's rule).
+      n = sum(len(m) for m in maps)
+      whole = grouped_maps(self.recorded, self.image_size, [np.arange(n)])
+      self.recorded.clear()
       Path(self.out).mkdir(parents=True, exist_ok=True)
       np.savez_compressed(Path(self.out) / f"epoch{epoch}.npz", maps=np.concatenate(maps).astype(np.float16),
-                          scores=np.concatenate(scores), train_seconds=trained)
+                          scores=np.concatenate(scores), maps_test_set=whole.astype(np.float16),
+                          train_seconds=trained)
       self.seconds += time.perf_counter() - began
 
   return EpochScorer
@@ -445,7 +451,8 @@ def main(argv=None) -> dict:
   clock = Clock()
   recorded = record_distributions(model.model.anomaly_map_generator)
   epoch_scorer = EpochScorer(args, test_loader_fn=lambda: DataLoader(
-      test_set, batch_size=args.batch_size, shuffle=False, collate_fn=test_set.collate_fn), clock=clock)
+      test_set, batch_size=args.batch_size, shuffle=False, collate_fn=test_set.collate_fn), clock=clock,
+      recorded=recorded)
   with tempfile.TemporaryDirectory() as workdir:
     engine = Engine(
         accelerator=args.accelerator,
