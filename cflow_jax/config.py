@@ -6,6 +6,7 @@ of its own for these choices.
 
 import dataclasses
 import json
+import math
 
 BACKBONES = ("wide_resnet50_2", "resnet18", "resnet34", "vgg16_hed")
 RESAMPLE = ("lanczos", "bilinear")
@@ -82,6 +83,7 @@ class Config:
     _check_choice("permutation", self.permutation, ("hard", "soft"))
     _check_choice("schedule", self.schedule, ("cosine", "constant"))
     _check_choice("normalization", self.normalization, ("train", "test_set", "batch"))
+    _check_floats(self)
     for name in ("image_size", "condition_dim", "coupling_blocks", "fiber_batch", "batch_size",
                  "meta_epochs", "sub_epochs"):
       if getattr(self, name) < 1:
@@ -92,10 +94,6 @@ class Config:
       raise ValueError(f"image_size must be a multiple of 32 (the deepest tap's stride), got {self.image_size}")
     if self.cache_features and self.rotation:
       raise ValueError("cache_features needs rotation=0: rotated images give new features every epoch")
-    if self.blur_sigma < 0:
-      raise ValueError(f"blur_sigma must be 0 (no blur) or positive, got {self.blur_sigma}")
-    if self.lr <= 0:
-      raise ValueError(f"lr must be positive, got {self.lr}")
 
   @property
   def epochs(self) -> int:
@@ -108,6 +106,31 @@ class Config:
   @classmethod
   def from_json(cls, text: str) -> "Config":
     return cls(**json.loads(text))
+
+
+# Each float field's allowed range (low, high, whether low itself is allowed); a field not named here
+# only needs to be finite.
+_FLOAT_RANGES = {
+    "lr": (0.0, math.inf, False),
+    "clamp": (0.0, math.inf, False),
+    "rotation": (0.0, 180.0, True),  # a turn drawn from [-rotation, rotation] degrees
+    "blur_sigma": (0.0, math.inf, True),  # 0: no blur
+}
+
+
+def _check_floats(config: Config):
+  """Every float field finite and in range: a NaN would otherwise pass every comparison unnoticed (a NaN
+  blur is no blur; a NaN learning rate shows only as a NaN loss)."""
+  for field in dataclasses.fields(config):
+    if field.type not in (float, "float"):
+      continue
+    value = getattr(config, field.name)
+    low, high, low_allowed = _FLOAT_RANGES.get(field.name, (-math.inf, math.inf, True))
+    if not math.isfinite(value):
+      raise ValueError(f"{field.name} must be a finite number, got {value}")
+    if not (low <= value if low_allowed else low < value) or value > high:
+      bounds = f"{'[' if low_allowed else '('}{low:g}, {high:g}{']' if math.isfinite(high) else ')'}"
+      raise ValueError(f"{field.name} must be in {bounds}, got {value}")
 
 
 def _check_choice(name, value, choices):
