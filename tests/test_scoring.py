@@ -1,6 +1,7 @@
 """Scoring: anomaly maps as the reference computes them, batch-independent scores, checkpoint round trip."""
 
 import dataclasses
+import shutil
 
 import jax
 import numpy as np
@@ -109,7 +110,7 @@ def test_a_finished_run_scores_whatever_its_optimiser_state_layout(trained, tmp_
   meta = checkpoint.read_meta(workdir)
   old_adam = tuple(optax.adam(1e-3).init(p) for p in detector.params)
   old_state = train.TrainState(detector.params, old_adam, detector.permutations, detector.normalization)
-  checkpoint.save(tmp_path, meta["epoch"], old_state, meta)
+  checkpoint.save(tmp_path, old_state, meta)
   images = np.random.default_rng(3).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
   restored = cf.load(tmp_path, encoder_variables=variables)
   np.testing.assert_array_equal(cf.score(restored, images).scores, cf.score(detector, images).scores)
@@ -209,3 +210,30 @@ def test_auto_score_dtype_scores_in_bfloat16_only_on_native_hardware(trained, mo
     monkeypatch.setattr(cf.precision, "has_native_bfloat16", lambda platform, native=native: native)
     np.testing.assert_array_equal(log_probs("auto"), log_probs(dtype))
   assert np.abs(log_probs("bfloat16") - log_probs("float32")).max() > 0
+
+
+def test_a_damaged_latest_checkpoint_is_named_and_the_intact_one_before_it_resumes(trained, tmp_path):
+  """A truncated file in the newest step: loading names that step in one line; training resumes from the
+  step before it (the last epoch's), which is intact, and ends as the undamaged run did."""
+  detector, variables, workdir = trained
+  damaged = tmp_path / "run"
+  shutil.copytree(workdir, damaged)
+  latest = checkpoint.latest_step(damaged)
+  assert checkpoint.steps(damaged) == [latest, latest - 1]  # the finished run beside its last epoch's
+  for name in ("meta/metadata", "state/_METADATA", "state/d", "state/ocdbt.process_0/d"):
+    shutil.rmtree(damaged / "checkpoints" / str(latest))
+    shutil.copytree(workdir / "checkpoints" / str(latest), damaged / "checkpoints" / str(latest))
+    path = damaged / "checkpoints" / str(latest) / name
+    path = max(path.iterdir(), key=lambda p: p.stat().st_size) if path.is_dir() else path
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    with pytest.raises(checkpoint.DamagedCheckpoint, match=f"checkpoint step {latest} in .* is damaged") as e:
+      cf.load(damaged, variables)
+    assert "\n" not in str(e.value), name
+  logged = []
+  resumed = cf.fit(CONFIG, cf.data.load("demo", "train", "brick"), encoder_variables=variables,
+                   workdir=damaged, progress=False, log=logged.append)
+  assert any(f"step {latest} " in line and "damaged" in line for line in logged), logged
+  for a, b in zip(jax.tree.leaves((detector.params, detector.normalization)),
+                  jax.tree.leaves((resumed.params, resumed.normalization))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert checkpoint.read_meta(damaged)["normalized"]
