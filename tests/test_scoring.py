@@ -212,6 +212,32 @@ def test_auto_score_dtype_scores_in_bfloat16_only_on_native_hardware(trained, mo
   assert np.abs(log_probs("bfloat16") - log_probs("float32")).max() > 0
 
 
+def test_score_takes_uint8_or_float_in_unit_range_and_refuses_anything_else(trained):
+  """One contract: uint8 0..255, or float in [0, 1]; float 0..255, other dtypes, non-finite pixels,
+  empty arrays and mixed shapes are refused with what was found, instead of scoring silently wrong."""
+  detector, _, _ = trained
+  images = np.random.default_rng(5).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+  as_uint8 = cf.score(detector, images).scores
+  np.testing.assert_allclose(cf.score(detector, images / 255.0).scores, as_uint8, rtol=1e-5)
+  np.testing.assert_array_equal(cf.score(detector, list(images)).scores, as_uint8)
+  nan = (images / 255.0).astype(np.float32)
+  nan[1, 3, 4, 0] = np.nan
+  refused = [
+      (images.astype(np.float32), r"float images must be in \[0, 1\].*float32 of shape \(2, 64, 64, 3\) "
+                                  r"ranging over \[0, 255\]"),
+      (images.astype(np.int32), r"int32 of shape \(2, 64, 64, 3\)"),
+      (nan, r"finite pixels.*1 NaN or infinite values, in images \[1\]"),
+      (np.full((1, 64, 64, 3), np.inf, np.float32), "NaN or infinite"),
+      (images[:0], r"at least one image.*\(0, 64, 64, 3\)"),
+      (images[:, :32], r"shape \(N, 64, 64, 3\); got uint8 of shape \(2, 32, 64, 3\)"),
+      ([images[0], images[1, :32]], "one shape"),
+      ([], r"shape \(0,\)"),
+  ]
+  for bad, message in refused:
+    with pytest.raises(cf.UserError, match=message):
+      cf.score(detector, bad)
+
+
 def test_a_damaged_latest_checkpoint_is_named_and_the_intact_one_before_it_resumes(trained, tmp_path):
   """A truncated file in the newest step: loading names that step in one line; training resumes from the
   step before it (the last epoch's), which is intact, and ends as the undamaged run did."""
