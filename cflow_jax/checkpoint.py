@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import pathlib
+import sys
 import tempfile
 
 import jax
@@ -127,14 +128,25 @@ def _disk_errors(directory, state):
 
 @contextlib.contextmanager
 def _quiet_orbax_threads():
-  """Orbax's writer threads log the error that `save` then raises; `_disk_errors` reports it once."""
-  quiet = lambda record: "_SignalingThread.run() raised" not in record.getMessage()
-  logger = logging.getLogger("absl")
-  logger.addFilter(quiet)
+  """Silences what orbax's threads print when a save fails, which `_disk_errors` reports once: each writer
+  thread logs the error that `save` then raises, and tensorstore's pending writes, failing one by one, each
+  try to wake orbax's event loop, closed by then, and Python prints each such RuntimeError (some 50
+  tracebacks on a full disk). The log filter goes with the save; after a failure, the other stays, as the
+  pending writes go on failing after the save has given up."""
+  logged = lambda record: "_SignalingThread.run() raised" not in record.getMessage()
+  logger, previous = logging.getLogger("absl"), sys.unraisablehook
+
+  def unraisable(event):
+    if not (isinstance(event.exc_value, RuntimeError) and str(event.exc_value) == "Event loop is closed"):
+      previous(event)
+
+  logger.addFilter(logged)
+  sys.unraisablehook = unraisable
   try:
     yield
+    sys.unraisablehook = previous
   finally:
-    logger.removeFilter(quiet)
+    logger.removeFilter(logged)
 
 
 def restore(workdir, like_state, step: int | None = None):
@@ -160,7 +172,7 @@ def _restore(workdir, step, state_args):
     step = _step(workdir, manager, step)
     try:
       return manager.restore(step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
-    except Exception as e:  # noqa: BLE001: whatever a truncated file makes orbax or tensorstore raise
+    except Exception as e:  # whatever a truncated file makes orbax or tensorstore raise
       if "tree structures do not match" not in str(e):
         raise DamagedCheckpoint(workdir, step, e) from e
       raise UserError(f"the checkpoint in {workdir} (step {step}) holds a state laid out differently from "
@@ -182,7 +194,7 @@ def read_meta(workdir, step: int | None = None) -> dict:
     step = _step(workdir, manager, step)
     try:
       restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    except Exception as e:  # noqa: BLE001: as in `_restore`
+    except Exception as e:  # as in `_restore`
       raise DamagedCheckpoint(workdir, step, e) from e
   return restored["meta"]
 

@@ -370,11 +370,11 @@ def exit_on_user_error(main):
     except OSError as error:
       if checkpoint.disk_error(error) is None:
         raise
-      _exit(1, f"error: {checkpoint.disk_error(error)} writing {error.filename}: free space there or choose "
-            "another --workdir or --out_dir")
+      _exit(1, f"error: {checkpoint.disk_error(error)} writing {error.filename or 'a file'}: free space there "
+            "or choose another --workdir or --out_dir")
     except KeyboardInterrupt:
       # 130: the shell's code for a process ended by Ctrl-C (128 + SIGINT).
-      _exit(130, "interrupted: run the same command again to resume from the last checkpoint")
+      _exit(130, "interrupted: run the same command again to go on (train.py resumes from its last checkpoint)")
   return wrapped
 
 

@@ -5,8 +5,9 @@
 Arguments are image files or folders (their images, recursively). Images of any size are resized as the
 training pipeline resized them. A file that cannot be read as an image is reported and skipped. Writes into
 --out_dir (default <workdir>/predictions): scores.csv, scores.json and <index>_<image name>.png (the image,
-the heat map and the map over the image), replacing the previous call's files there. The verdict column compares the score with --threshold, by default
-the image threshold of the run's metrics.json (the best-F1 threshold on its test set).
+the heat map and the map over the image), replacing the previous call's files there. The verdict column
+compares the score with --threshold, by default the image threshold of the run's metrics.json (the best-F1
+threshold on its test set).
 """
 
 import csv

@@ -166,7 +166,8 @@ def test_a_full_disk_in_a_checkpoint_save_is_one_line_with_the_space_needed(spli
 
 
 @pytest.mark.parametrize("error, code, line", [
-    (KeyboardInterrupt(), 130, "interrupted: run the same command again to resume from the last checkpoint"),
+    (KeyboardInterrupt(), 130, "interrupted: run the same command again to go on (train.py resumes from its last "
+                               "checkpoint)"),
     (OSError(errno.ENOSPC, "No space left on device", "/w/metrics.json"), 1,
      "error: no space left on device writing /w/metrics.json: free space there or choose another --workdir "
      "or --out_dir"),
