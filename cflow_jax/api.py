@@ -77,6 +77,8 @@ def fit(config: Config, train_set, *, encoder_variables=None, workdir=None, prog
   """
   if len(train_set) == 0:
     raise UserError("the training set is empty: it needs defect-free images in train/good")
+  if workdir is not None:
+    checkpoint.check_writable(workdir)  # now, not after the first epoch's training
   model, encoder_variables = create(config, encoder_variables)
   if config.epochs > 1 and hasattr(train_set, "resized"):
     # Decode and resize once, not every epoch.
@@ -169,15 +171,52 @@ def resized(config: Config, images):
 
 
 def _as_batches(images, batch_size: int, config: Config) -> Iterator[dict]:
-  image_size = config.image_size
-  if isinstance(images, np.ndarray) or isinstance(images, jax.Array):
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1:3] != (image_size, image_size):
-      raise UserError(f"images must be uint8 (N, {image_size}, {image_size}, 3); got {images.shape}")
+  if isinstance(images, (np.ndarray, jax.Array, list, tuple)) and not _is_examples(images):
+    images = image_array(images, config.image_size)
     for i in range(0, len(images), batch_size):
       yield {"image": images[i:i + batch_size]}
+  elif not len(images):
+    raise UserError("there are no images to score: the image set is empty")
   else:
     yield from input_batches(config, images, batch_size)
+
+
+def _is_examples(images) -> bool:
+  """A list of example dicts (what an image set holds), rather than of image arrays."""
+  return isinstance(images, (list, tuple)) and len(images) > 0 and isinstance(images[0], dict)
+
+
+def image_array(images, image_size: int) -> np.ndarray:
+  """`images` as the scoring contract allows them, or a UserError that says what was found: (N, S, S, 3)
+  RGB at S = image_size, either uint8 (0..255) or floating point in [0, 1] (as float32), every pixel
+  finite. A list of such images is stacked. Anything else is refused rather than guessed at: float pixels
+  of 0..255 would all saturate to one score, and a NaN pixel would silently pass as normal."""
+  expected = f"uint8 0..255 or float in [0, 1], shape (N, {image_size}, {image_size}, 3)"
+  if isinstance(images, (list, tuple)):
+    shapes = {np.shape(image) for image in images}
+    if len(shapes) > 1:
+      raise UserError(f"images must all have one shape ({expected}); the list holds {sorted(shapes)}")
+  images = np.asarray(images)
+  found = f"got {images.dtype} of shape {images.shape}"
+  if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1:3] != (image_size, image_size):
+    raise UserError(f"images must be {expected}; {found}")
+  if not len(images):
+    raise UserError(f"images must hold at least one image ({expected}); {found}")
+  if images.dtype == np.uint8:
+    return images
+  if not np.issubdtype(images.dtype, np.floating):
+    raise UserError(f"images must be {expected}; {found} (convert with .astype(np.uint8) if they hold "
+                    "0..255)")
+  bad = ~np.isfinite(images)
+  if bad.any():
+    which = np.flatnonzero(bad.any(axis=(1, 2, 3)))
+    raise UserError(f"images must have finite pixels; {found} has {int(bad.sum())} NaN or infinite "
+                    f"values, in images {which[:5].tolist()}{' ...' if len(which) > 5 else ''}")
+  low, high = float(images.min()), float(images.max())
+  if low < 0 or high > 1:
+    raise UserError(f"float images must be in [0, 1] ({expected}); {found} ranging over [{low:g}, "
+                    f"{high:g}] (divide 0..255 values by 255, or pass uint8)")
+  return images.astype(np.float32, copy=False)
 
 
 def _bar(batches, images, batch_size: int, desc: str, enabled: bool):
@@ -224,7 +263,8 @@ def _replicated(detector: Detector, mesh):
 
 def score(detector: Detector, images, batch_size: int | None = None,
           normalization: str | None = None, progress: bool = False) -> Scores:
-  """Image scores and anomaly maps for a set of images (an image set or uint8 (N, S, S, 3))."""
+  """Image scores and anomaly maps for a set of images: an image set, or an array (N, S, S, 3) at the
+  config's image size, uint8 0..255 or float in [0, 1] (`image_array`)."""
   mode = normalization or detector.config.normalization
   if mode != "test_set":
     parts = [(s, m) for _, s, m in score_batches(detector, images, batch_size, mode, progress)]

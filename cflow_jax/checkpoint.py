@@ -1,13 +1,20 @@
 """Orbax checkpoints of a run: decoders, optimiser states, progress, config, encoder identity, normalisation.
 
 Orbax writes each checkpoint into a temporary folder and renames it only once complete, so a process killed
-mid-save leaves the previous checkpoint as the latest one that restores.
+mid-save leaves the previous checkpoint as the latest one that restores. Steps number the saves, not the
+epochs (the epoch is in the meta): the finished run, with its normalisation, is one more step after its last
+epoch's, written beside it, so no moment of a run leaves less than its last completed epoch on disk.
 """
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
+import logging
 import pathlib
+import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -28,23 +35,118 @@ def _manager(workdir) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(path, options=options)
 
 
+class DamagedCheckpoint(UserError):
+  """A checkpoint step that cannot be read back (a truncated, missing or garbled file)."""
+
+  def __init__(self, workdir, step: int, error: Exception):
+    reason = str(error).splitlines()[0][:160] if str(error) else ""
+    super().__init__(f"checkpoint step {step} in {pathlib.Path(workdir) / 'checkpoints'} is damaged "
+                     f"({type(error).__name__}: {reason})")
+    self.step = step
+
+
+# Where a write fails because of the disk, not of the program: reported in one line, not a traceback.
+DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system"}
+
+
 def latest_step(workdir) -> int | None:
+  found = steps(workdir)
+  return found[0] if found else None
+
+
+def steps(workdir) -> list[int]:
+  """The workdir's complete checkpoint steps, newest first."""
   if not (pathlib.Path(workdir) / "checkpoints").exists():
-    return None
+    return []
   with _manager(workdir) as manager:
-    return manager.latest_step()
+    return sorted(manager.all_steps(), reverse=True)
 
 
-def save(workdir, step: int, state, meta: dict):
-  """Saves `state` (a pytree of arrays) and `meta` (JSON: config, encoder identity, progress) as `step`."""
+def newest_intact(workdir, read, log=print):
+  """`read(step)` of the newest step that reads back whole; a damaged newer step is reported with `log`
+  and skipped (it stays on disk until newer saves supersede it)."""
+  for step in steps(workdir):
+    try:
+      return read(step)
+    except DamagedCheckpoint as error:
+      log(f"{error}: skipping it")
+  raise UserError(f"no intact checkpoint in {pathlib.Path(workdir) / 'checkpoints'}: move the folder away "
+                  "to train from scratch")
+
+
+def save(workdir, state, meta: dict) -> int:
+  """Saves `state` (a pytree of arrays) and `meta` (JSON: config, encoder identity, progress) as the step
+  after the latest one, which stays (orbax keeps the two newest); returns the step."""
   with _manager(workdir) as manager:
-    if step in manager.all_steps():
-      # Replacing a step (the finished run's normalisation after its last epoch): a kill between delete
-      # and save leaves the previous epoch's checkpoint, from which a resume redoes the same work.
-      manager.delete(step)
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               meta=ocp.args.JsonSave(meta)), force=True)
-    manager.wait_until_finished()
+    step = (manager.latest_step() or 0) + 1
+    with _disk_errors(manager.directory, state), _quiet_orbax_threads():
+      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                 meta=ocp.args.JsonSave(meta)), force=True)
+      manager.wait_until_finished()
+  return step
+
+
+def check_writable(workdir):
+  """A UserError now, before any training, if files cannot be created in `workdir` (made if missing)."""
+  path = pathlib.Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as error:
+    raise UserError(f"cannot write into the workdir {path} ({error.strerror}): choose another --workdir "
+                    "or make it writable") from None
+
+
+def disk_error(error: BaseException) -> str | None:
+  """What `error` says of the disk (`DISK_ERRORS`), looking through its causes: tensorstore raises
+  ValueError with the OS error's code in its text."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno in DISK_ERRORS:
+      return DISK_ERRORS[error.errno]
+    for code, words in DISK_ERRORS.items():
+      if f"os_error_code='{code}'" in str(error):
+        return words
+    error = error.__cause__ or error.__context__
+  return None
+
+
+@contextlib.contextmanager
+def _disk_errors(directory, state):
+  try:
+    yield
+  except Exception as error:
+    words = disk_error(error)
+    if words is None:
+      raise
+    size = sum(leaf.nbytes for leaf in jax.tree.leaves(state)) / 2**20
+    raise UserError(f"{words} writing a checkpoint into {directory}: it needs about {size:,.1f} MB (the "
+                    "size of the state's arrays, an estimate); free space there or choose another "
+                    "--workdir, then run again to resume from the last checkpoint") from None
+
+
+@contextlib.contextmanager
+def _quiet_orbax_threads():
+  """Silences what orbax's threads print when a save fails, which `_disk_errors` reports once: each writer
+  thread logs the error that `save` then raises, and tensorstore's pending writes, failing one by one, each
+  try to wake orbax's event loop, closed by then, and Python prints each such RuntimeError (some 50
+  tracebacks on a full disk). The log filter goes with the save; after a failure, the other stays, as the
+  pending writes go on failing after the save has given up."""
+  logged = lambda record: "_SignalingThread.run() raised" not in record.getMessage()
+  logger, previous = logging.getLogger("absl"), sys.unraisablehook
+
+  def unraisable(event):
+    if not (isinstance(event.exc_value, RuntimeError) and str(event.exc_value) == "Event loop is closed"):
+      previous(event)
+
+  logger.addFilter(logged)
+  sys.unraisablehook = unraisable
+  try:
+    yield
+    sys.unraisablehook = previous
+  finally:
+    logger.removeFilter(logged)
 
 
 def restore(workdir, like_state, step: int | None = None):
@@ -67,28 +169,33 @@ def restore_fields(workdir, like_fields: dict, step: int | None = None) -> tuple
 
 def _restore(workdir, step, state_args):
   with _manager(workdir) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise UserError(f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}: train first "
-                      f"(python experiments/train.py --workdir={workdir})")
+    step = _step(workdir, manager, step)
     try:
       return manager.restore(step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
-    except ValueError as e:
+    except Exception as e:  # whatever a truncated file makes orbax or tensorstore raise
       if "tree structures do not match" not in str(e):
-        raise
+        raise DamagedCheckpoint(workdir, step, e) from e
       raise UserError(f"the checkpoint in {workdir} (step {step}) holds a state laid out differently from "
                       f"what this version of cflow_jax trains (written by another version?); start a new "
                       f"--workdir. Orbax: {str(e).splitlines()[0]}") from None
 
 
+def _step(workdir, manager, step):
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise UserError(f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}: train first "
+                    f"(python experiments/train.py --workdir={workdir})")
+  return step
+
+
 def read_meta(workdir, step: int | None = None) -> dict:
   """The JSON part of a checkpoint alone (cheap: no arrays are read)."""
   with _manager(workdir) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise UserError(f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}: train first "
-                      f"(python experiments/train.py --workdir={workdir})")
-    restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    step = _step(workdir, manager, step)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:  # as in `_restore`
+      raise DamagedCheckpoint(workdir, step, e) from e
   return restored["meta"]
 
 

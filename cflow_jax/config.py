@@ -7,6 +7,7 @@ of its own for these choices.
 
 import dataclasses
 import json
+import math
 
 BACKBONES = ("wide_resnet50_2", "resnet18", "resnet34", "vgg16_hed")
 RESAMPLE = ("lanczos", "bilinear")
@@ -96,6 +97,7 @@ class Config:
     _check_choice("permutation", self.permutation, ("hard", "soft"))
     _check_choice("schedule", self.schedule, ("cosine", "constant"))
     _check_choice("normalization", self.normalization, ("train", "test_set", "batch"))
+    _check_floats(self)
     for name in ("image_size", "condition_dim", "coupling_blocks", "fiber_batch", "batch_size",
                  "meta_epochs", "sub_epochs"):
       if getattr(self, name) < 1:
@@ -108,12 +110,6 @@ class Config:
       raise ValueError(f"image_size must be a multiple of 32 (the deepest tap's stride), got {self.image_size}")
     if self.cache_features and self.rotation:
       raise ValueError("cache_features needs rotation=0: rotated images give new features every epoch")
-    if self.blur_sigma < 0:
-      raise ValueError(f"blur_sigma must be 0 (no blur) or positive, got {self.blur_sigma}")
-    if self.lr <= 0:
-      raise ValueError(f"lr must be positive, got {self.lr}")
-    if not 0 <= self.warmup < 1:
-      raise ValueError(f"warmup must be a fraction of the run in [0, 1), got {self.warmup}")
 
   @property
   def epochs(self) -> int:
@@ -149,6 +145,32 @@ RECIPES = {
                      meta_epochs=50, sub_epochs=1, rotation=0.0, resample="bilinear", image_dtype="float32",
                      normalization="batch", blur_sigma=0.0, score_dtype="float32", train_dtype="float32"),
 }
+
+
+# Each float field's allowed range (low, high, whether low itself is allowed); a field not named here
+# only needs to be finite.
+_FLOAT_RANGES = {
+    "lr": (0.0, math.inf, False),
+    "clamp": (0.0, math.inf, False),
+    "rotation": (0.0, 180.0, True),  # a turn drawn from [-rotation, rotation] degrees
+    "blur_sigma": (0.0, math.inf, True),  # 0: no blur
+    "warmup": (0.0, 0.5, True),  # a fraction of the run; the cosine needs the rest to decay
+}
+
+
+def _check_floats(config: Config):
+  """Every float field finite and in range: a NaN would otherwise pass every comparison unnoticed (a NaN
+  blur is no blur; a NaN learning rate shows only as a NaN loss)."""
+  for field in dataclasses.fields(config):
+    if field.type not in (float, "float"):
+      continue
+    value = getattr(config, field.name)
+    low, high, low_allowed = _FLOAT_RANGES.get(field.name, (-math.inf, math.inf, True))
+    if not math.isfinite(value):
+      raise ValueError(f"{field.name} must be a finite number, got {value}")
+    if not (low <= value if low_allowed else low < value) or value > high:
+      bounds = f"{'[' if low_allowed else '('}{low:g}, {high:g}{']' if math.isfinite(high) else ')'}"
+      raise ValueError(f"{field.name} must be in {bounds}, got {value}")
 
 
 def _check_choice(name, value, choices):

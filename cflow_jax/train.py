@@ -309,10 +309,8 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
   history = {"epoch_loss": [], "epoch_seconds": [], "fibers_per_epoch": 0}
   start = 0
   if workdir is not None and checkpoint.latest_step(workdir) is not None:
-    saved_meta = checkpoint.read_meta(workdir)
-    checkpoint.check_compatible(checkpoint.config_from_meta(saved_meta), config)
-    _check_same_encoder(saved_meta, meta)
-    state, saved_meta = checkpoint.restore(workdir, state)
+    resumable = lambda step: _resumable(workdir, step, state, config, meta)
+    state, saved_meta = checkpoint.newest_intact(workdir, resumable, log)
     state = TrainState(*state)
     start, history = saved_meta["epoch"], saved_meta["history"]
     if start:
@@ -365,10 +363,18 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
     history["epoch_seconds"].append(time.perf_counter() - began)
     history["fibers_per_epoch"] = fibers
     if workdir is not None:
-      checkpoint.save(workdir, epoch + 1, state, _meta(config, meta, epoch + 1, history))
+      checkpoint.save(workdir, state, _meta(config, meta, epoch + 1, history))
   bar.close()
   # Scoring splits image batches over the data mesh, with every decoder on all of its devices.
   return sharding.replicate(state, layout.mesh), history
+
+
+def _resumable(workdir, step, like_state, config, meta):
+  """(state, meta) of checkpoint `step`, once its run is known to be this one continued."""
+  saved_meta = checkpoint.read_meta(workdir, step)
+  checkpoint.check_compatible(checkpoint.config_from_meta(saved_meta), config)
+  _check_same_encoder(saved_meta, meta)
+  return checkpoint.restore(workdir, like_state, step)
 
 
 def _place(state: TrainState, layout: sharding.Layout) -> TrainState:
@@ -440,5 +446,6 @@ def fit_normalization(model, encoder_variables, params, permutations, batches: I
 
 
 def save_final(workdir, state: TrainState, config: Config, meta: dict, history: dict):
-  """The finished run, with its normalisation, as the checkpoint after the last epoch."""
-  checkpoint.save(workdir, config.epochs, state, _meta(config, meta, config.epochs, history, True))
+  """The finished run, with its normalisation, as the step after the last epoch's (`checkpoint.save`:
+  written beside it, switched to by orbax's atomic rename)."""
+  checkpoint.save(workdir, state, _meta(config, meta, config.epochs, history, True))

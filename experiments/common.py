@@ -15,6 +15,7 @@ import time
 
 import jax
 import numpy as np
+import tqdm
 from absl import flags, logging
 
 from cflow_jax import api, checkpoint, compile_cache, data, encoders, metrics as metrics_lib, report, train
@@ -176,8 +177,20 @@ def load_splits(category: str | None, config: Config) -> tuple[data.ImageSet, da
     train_set = train_set.subset(range(FLAGS.max_train))
   if FLAGS.max_test is not None and FLAGS.max_test < len(test_set):
     # The test split is sorted by defect type: its first K images could all be of one kind.
-    test_set = test_set.subset(np.linspace(0, len(test_set) - 1, FLAGS.max_test).round())
-  return api.resized(config, train_set), api.resized(config, test_set)
+    test_set = test_set.subset( np.linspace(0, len(test_set) - 1, FLAGS.max_test).round())
+  train_set, test_set = api.resized(config, train_set), api.resized(config, test_set)
+  _check_test_labels(test_set, data_dir)
+  return train_set, test_set
+
+
+def _check_test_labels(test_set, data_dir):
+  """Image AUROC needs good and defective test images: say so before training, not after it."""
+  labels = {example["label"] for example in test_set}
+  for label, kind, where in ((0, "good", "test/good/"), (1, "defective", "test/<defect>/")):
+    if label not in labels:
+      cut = " (after --max_test)" if FLAGS.max_test is not None else ""
+      raise UserError(f"the test split of {data_dir or test_set.name} has no {kind} images{cut}: the metrics "
+                      f"need both good and defective test images; add some to {where}")
 
 
 def _finished_run(workdir, config: Config, train_set) -> bool:
@@ -201,10 +214,15 @@ def train_and_evaluate(config: Config, train_set, test_set, workdir, num_picture
   workdir = pathlib.Path(workdir)
   print(f"{train_set.name}/{train_set.category}: {len(train_set)} training and {len(test_set)} test images, "
         f"{config.backbone} at {config.image_size} px, {config.epochs} epochs; workdir {workdir}")
-  if _finished_run(workdir, config, train_set):
-    print(f"the run in {workdir} had finished: re-evaluating its checkpoint, no training")
-    detector = api.load(workdir)
-  else:
+  checkpoint.check_writable(workdir)
+  detector = None
+  try:
+    if _finished_run(workdir, config, train_set):
+      print(f"the run in {workdir} had finished: re-evaluating its checkpoint, no training")
+      detector = api.load(workdir)
+  except checkpoint.DamagedCheckpoint as error:
+    print(f"{one_line(error)}: resuming from the newest intact checkpoint instead")
+  if detector is None:
     detector = api.fit(config, train_set, workdir=workdir)
   evaluation = api.evaluate(detector, test_set, normalization=config.normalization, progress=True)
   metrics = dict(evaluation.metrics)
@@ -324,7 +342,8 @@ def split_cpu(devices: int | None):
 
 
 def exit_on_user_error(main):
-  """`main`, with a UserError printed as one line on stderr and exit code 1 instead of a traceback, and
+  """`main`, with a UserError or a full or read-only disk printed as one line on stderr and exit code 1
+  instead of a traceback, Ctrl-C as one line and exit code 130, and
   library logs (orbax and tfds log every step at INFO) at WARNING unless --verbosity is given."""
   @functools.wraps(main)
   def wrapped(argv):
@@ -339,6 +358,22 @@ def exit_on_user_error(main):
     try:
       return main(argv)
     except UserError as error:
-      print(f"error: {one_line(error)}", file=sys.stderr)
-      sys.exit(1)
+      _exit(1, f"error: {one_line(error)}")
+    except OSError as error:
+      if checkpoint.disk_error(error) is None:
+        raise
+      _exit(1, f"error: {checkpoint.disk_error(error)} writing {error.filename or 'a file'}: free space there "
+            "or choose another --workdir or --out_dir")
+    except KeyboardInterrupt:
+      # 130: the shell's code for a process ended by Ctrl-C (128 + SIGINT).
+      _exit(130, "interrupted: run the same command again to go on (train.py resumes from its last checkpoint)")
   return wrapped
+
+
+def _exit(code: int, line: str):
+  """Ends the script with `line` on stderr, on a line of its own: a progress bar the error cut short is
+  closed first (it would otherwise end without its newline, and the line would follow it)."""
+  for bar in list(tqdm.std.tqdm._instances):
+    bar.close()
+  print(line, file=sys.stderr)
+  sys.exit(code)

@@ -4,9 +4,10 @@
 
 Arguments are image files or folders (their images, recursively). Images of any size are resized as the
 training pipeline resized them. A file that cannot be read as an image is reported and skipped. Writes into
---out_dir (default <workdir>/predictions): scores.csv, scores.json and <image name>.png (the image, the
-heat map and the map over the image). The verdict column compares the score with --threshold, by default
-the image threshold of the run's metrics.json (the best-F1 threshold on its test set).
+--out_dir (default <workdir>/predictions): scores.csv, scores.json and <index>_<image name>.png (the image,
+the heat map and the map over the image), replacing the previous call's files there. The verdict column
+compares the score with --threshold, by default the image threshold of the run's metrics.json (the best-F1
+threshold on its test set).
 """
 
 import csv
@@ -61,6 +62,21 @@ def default_threshold(workdir: pathlib.Path) -> float | None:
   return json.loads(path.read_text()).get("image_threshold") if path.is_file() else None
 
 
+def clear_previous(out_dir: pathlib.Path) -> int:
+  """Deletes the pictures an earlier call listed in out_dir's scores.json (and nothing else of the folder),
+  so that what is there afterwards is this call's results alone; returns how many were deleted."""
+  listing = out_dir / "scores.json"
+  if not listing.is_file():
+    return 0
+  deleted = 0
+  for row in json.loads(listing.read_text()).get("images", []):
+    picture = pathlib.Path(row["picture"])
+    if picture.parent.resolve() == out_dir.resolve() and picture.is_file():
+      picture.unlink()
+      deleted += 1
+  return deleted
+
+
 def main(argv):
   if len(argv) < 2:
     raise UserError("name the images to score: predict.py --workdir=... IMAGE_OR_FOLDER ...")
@@ -68,7 +84,11 @@ def main(argv):
   if checkpoint.latest_step(workdir) is None:
     raise UserError(f"no trained run in {workdir} (no checkpoints/): train one with "
                     f"python experiments/train.py --workdir={workdir}")
-  detector = api.load(workdir)
+  try:
+    detector = api.load(workdir)
+  except checkpoint.DamagedCheckpoint as error:
+    raise UserError(f"{error}; run train.py again with the same --workdir to rebuild the finished run from "
+                    "the newest intact checkpoint") from None
 
   images, names = [], []
   for path in image_paths(argv[1:]):
@@ -83,6 +103,7 @@ def main(argv):
 
   out_dir = pathlib.Path(FLAGS.out_dir) if FLAGS.out_dir else workdir / "predictions"
   out_dir.mkdir(parents=True, exist_ok=True)
+  cleared = clear_previous(out_dir)
   threshold = FLAGS.threshold if FLAGS.threshold is not None else default_threshold(workdir)
   low, high = float(maps.min()), float(maps.max())  # one colour scale for all pictures
   rows = []
@@ -102,7 +123,8 @@ def main(argv):
     writer.writerows(rows)
   (out_dir / "scores.json").write_text(json.dumps(
       {"workdir": str(workdir), "threshold": threshold, "images": rows}, indent=2) + "\n")
-  print(f"{len(rows)} images scored; scores.csv, scores.json and pictures in {out_dir}")
+  replaced = f" (replacing the previous call's {cleared} pictures)" if cleared else ""
+  print(f"{len(rows)} images scored; scores.csv, scores.json and pictures in {out_dir}{replaced}")
 
 
 if __name__ == "__main__":

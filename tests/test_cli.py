@@ -148,6 +148,23 @@ def test_predict_scores_images_of_any_size_and_skips_other_files(runs, tmp_path)
   for r in document["images"]:
     assert Image.open(r["picture"]).format == "PNG"
     assert r["anomalous"] == (r["score"] >= document["threshold"])  # the run's image threshold
+  # A second call replaces the first one's pictures, and only those.
+  (out / "mine.txt").write_text("the user's own file")
+  again = run("predict.py", f"--workdir={runs / 'brick' / 'vgg16_hed'}", f"--out_dir={out}", tmp_path / "grey.png")
+  assert again.returncode == 0, again.stderr[-4000:]
+  assert "replacing the previous call's 2 pictures" in again.stdout
+  assert sorted(p.name for p in out.iterdir()) == ["0000_grey.png", "mine.txt", "scores.csv", "scores.json"]
+
+
+def test_predict_with_a_damaged_checkpoint_names_the_step(runs, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(runs / "brick" / "vgg16_hed", workdir)
+  latest = checkpoint.latest_step(workdir)
+  metadata = workdir / "checkpoints" / str(latest) / "meta" / "metadata"
+  metadata.write_bytes(metadata.read_bytes()[:50])
+  result = run("predict.py", f"--workdir={workdir}", tmp_path / "x.png")
+  assert_one_line_error(result, f"checkpoint step {latest} in {workdir / 'checkpoints'} is damaged",
+                        "run train.py again")
 
 
 def test_compiled_programs_are_stored_per_cpu_kind_and_a_second_run_adds_none(runs, tmp_path, monkeypatch):
@@ -188,8 +205,22 @@ def test_missing_data_dir_is_one_line(tmp_path):
 def test_bad_flag_value_is_one_line():
   assert_one_line_error(run("train.py", "--dataset=demo", "--image_size=100"), "image_size", "32")
   assert_one_line_error(run("train.py", "--dataset=demo", "--blur_sigma=-1"), "blur_sigma")
+  assert_one_line_error(run("train.py", "--dataset=demo", "--rotation=nan"), "rotation must be a finite number")
   result = run("benchmark.py", "--backbone=alexnet")  # absl's own check: no traceback either
   assert result.returncode != 0 and "Traceback" not in result.stderr and "backbone" in result.stderr
+
+
+def test_a_test_split_without_good_images_is_refused_before_training(tmp_path):
+  rng = np.random.default_rng(0)
+  for folder in ("train/good", "test/crack"):
+    (tmp_path / "parts" / folder).mkdir(parents=True)
+    for i in range(2):
+      Image.fromarray(rng.integers(0, 256, (64, 64, 3), np.uint8)).save(tmp_path / "parts" / folder / f"{i}.png")
+  result = run("train.py", "--dataset=folder", f"--data_dir={tmp_path / 'parts'}", f"--tfds_dir={tmp_path / 'tfds'}",
+               "--backbone=vgg16_hed", "--image_size=64", "--epochs=1", f"--workdir={tmp_path / 'run'}")
+  assert result.returncode == 1 and "Traceback" not in result.stderr  # above it: tfds's preparation
+  assert "has no good images" in result.stderr.splitlines()[-1] and "test/good/" in result.stderr
+  assert "training" not in result.stderr and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("script", ["train.py", "benchmark.py"])

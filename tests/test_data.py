@@ -214,9 +214,18 @@ def test_unreadable_or_truncated_image_is_named(tmp_path):
   original = broken.read_bytes()
   for content in (original[:200], b"not an image"):
     broken.write_bytes(content)
-    with pytest.raises(UserError, match=f"Cannot read image {broken}"):
+    with pytest.raises(UserError, match=f"Cannot read image {broken}") as error:
       data.load("folder", "test", data_dir=root, tfds_dir=tmp_path / "tfds")
+    assert "BytesIO" not in str(error.value)  # PIL names its buffer, not the file
   assert not _prepared(tmp_path / "tfds")
+
+
+def test_a_data_dir_that_is_a_file_is_called_a_file(tmp_path):
+  notes = tmp_path / "notes.txt"
+  notes.write_text("not a folder")
+  for category in (None, "parts"):
+    with pytest.raises(UserError, match=f"{notes} is a file, not a folder"):
+      data.load("folder", "train", category, data_dir=notes, tfds_dir=tmp_path / "tfds")
 
 
 def test_mask_of_another_size_is_named(tmp_path):

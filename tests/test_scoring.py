@@ -1,6 +1,7 @@
 """Scoring: anomaly maps as the reference computes them, batch-independent scores, checkpoint round trip."""
 
 import dataclasses
+import shutil
 
 import jax
 import numpy as np
@@ -112,7 +113,7 @@ def test_a_finished_run_scores_whatever_its_optimiser_state_layout(trained, tmp_
   meta = checkpoint.read_meta(workdir)
   old_adam = tuple(optax.adam(1e-3).init(p) for p in detector.params)
   old_state = train.TrainState(detector.params, old_adam, detector.permutations, detector.normalization)
-  checkpoint.save(tmp_path, meta["epoch"], old_state, meta)
+  checkpoint.save(tmp_path, old_state, meta)
   images = np.random.default_rng(3).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
   restored = cf.load(tmp_path, encoder_variables=variables)
   np.testing.assert_array_equal(cf.score(restored, images).scores, cf.score(detector, images).scores)
@@ -253,3 +254,58 @@ def test_a_run_normalised_per_batch_skips_the_pass_and_refuses_training_maxima(t
   assert np.isfinite(cf.score(detector, images).scores).all()  # per batch, as configured
   with pytest.raises(cf.UserError, match="normalization='batch'"):
     cf.score(detector, images, normalization="train")
+
+
+@pytest.mark.slow
+def test_score_takes_uint8_or_float_in_unit_range_and_refuses_anything_else(trained):
+  """One contract: uint8 0..255, or float in [0, 1]; float 0..255, other dtypes, non-finite pixels,
+  empty arrays and mixed shapes are refused with what was found, instead of scoring silently wrong."""
+  detector, _, _ = trained
+  images = np.random.default_rng(5).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+  as_uint8 = cf.score(detector, images).scores
+  np.testing.assert_allclose(cf.score(detector, images / 255.0).scores, as_uint8, rtol=1e-5)
+  np.testing.assert_array_equal(cf.score(detector, list(images)).scores, as_uint8)
+  nan = (images / 255.0).astype(np.float32)
+  nan[1, 3, 4, 0] = np.nan
+  refused = [
+      (images.astype(np.float32), r"float images must be in \[0, 1\].*float32 of shape \(2, 64, 64, 3\) "
+                                  r"ranging over \[0, 255\]"),
+      (images.astype(np.int32), r"int32 of shape \(2, 64, 64, 3\)"),
+      (nan, r"finite pixels.*1 NaN or infinite values, in images \[1\]"),
+      (np.full((1, 64, 64, 3), np.inf, np.float32), "NaN or infinite"),
+      (images[:0], r"at least one image.*\(0, 64, 64, 3\)"),
+      (images[:, :32], r"shape \(N, 64, 64, 3\); got uint8 of shape \(2, 32, 64, 3\)"),
+      ([images[0], images[1, :32]], "one shape"),
+      ([], r"shape \(0,\)"),
+  ]
+  for bad, message in refused:
+    with pytest.raises(cf.UserError, match=message):
+      cf.score(detector, bad)
+
+
+@pytest.mark.slow
+def test_a_damaged_latest_checkpoint_is_named_and_the_intact_one_before_it_resumes(trained, tmp_path):
+  """A truncated file in the newest step: loading names that step in one line; training resumes from the
+  step before it (the last epoch's), which is intact, and ends as the undamaged run did."""
+  detector, variables, workdir = trained
+  damaged = tmp_path / "run"
+  shutil.copytree(workdir, damaged)
+  latest = checkpoint.latest_step(damaged)
+  assert checkpoint.steps(damaged) == [latest, latest - 1]  # the finished run beside its last epoch's
+  for name in ("meta/metadata", "state/_METADATA", "state/d", "state/ocdbt.process_0/d"):
+    shutil.rmtree(damaged / "checkpoints" / str(latest))
+    shutil.copytree(workdir / "checkpoints" / str(latest), damaged / "checkpoints" / str(latest))
+    path = damaged / "checkpoints" / str(latest) / name
+    path = max(path.iterdir(), key=lambda p: p.stat().st_size) if path.is_dir() else path
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    with pytest.raises(checkpoint.DamagedCheckpoint, match=f"checkpoint step {latest} in .* is damaged") as e:
+      cf.load(damaged, variables)
+    assert "\n" not in str(e.value), name
+  logged = []
+  resumed = cf.fit(CONFIG, cf.data.load("demo", "train", "brick"), encoder_variables=variables,
+                   workdir=damaged, progress=False, log=logged.append)
+  assert any(f"step {latest} " in line and "damaged" in line for line in logged), logged
+  for a, b in zip(jax.tree.leaves((detector.params, detector.normalization)),
+                  jax.tree.leaves((resumed.params, resumed.normalization))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert checkpoint.read_meta(damaged)["normalized"]

@@ -15,7 +15,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from cflow_jax.errors import UserError
 
@@ -40,7 +40,7 @@ def read_image(path: Path) -> tuple[bytes, tuple[int, int]]:
       else:
         array = np.asarray(image.convert("L" if image.mode in ("1", "F") else "RGB"))
   except (OSError, SyntaxError, ValueError) as error:
-    raise UserError(f"Cannot read image {path} ({error}); replace or delete the file.") from error
+    raise UserError(f"Cannot read image {path} ({_reason(error)}); replace or delete the file.") from error
   return png(array), array.shape[:2]
 
 
@@ -51,11 +51,19 @@ def read_mask(path: Path, size: tuple[int, int]) -> bytes:
     with Image.open(io.BytesIO(data)) as mask:
       mask = np.asarray(mask.convert("L"))
   except (OSError, SyntaxError, ValueError) as error:
-    raise UserError(f"Cannot read mask {path} ({error}); replace or delete the file.") from error
+    raise UserError(f"Cannot read mask {path} ({_reason(error)}); replace or delete the file.") from error
   if mask.shape != size:
     raise UserError(f"Mask {path} is {mask.shape[1]}x{mask.shape[0]} pixels but its image is "
                     f"{size[1]}x{size[0]}; a mask must have its image's size.")
   return png(binarize(mask))
+
+
+def _reason(error: Exception) -> str:
+  """PIL's reason, without the in-memory buffer it names instead of the file ("<_io.BytesIO object at
+  0x...>"): the message names the file itself."""
+  if isinstance(error, UnidentifiedImageError):
+    return f"not an image in a format PIL reads ({', '.join(IMAGE_EXTENSIONS)})"
+  return str(error)
 
 
 def binarize(mask: np.ndarray) -> np.ndarray:
@@ -110,6 +118,7 @@ def mvtec_examples(root: Path, split: str, has_masks: bool = True):
 
 def check_mvtec_layout(root: Path, how_to_get: str) -> None:
   """Raises a UserError that says what is missing and `how_to_get` the data, unless root looks right."""
+  _check_not_file(root)
   if not root.is_dir():
     raise UserError(f"Dataset folder {root} does not exist. {how_to_get}\n"
                     f"Expected layout of {root}:\n{MVTEC_LAYOUT}")
@@ -142,6 +151,7 @@ def magnetic_tile_examples(root: Path, split: str):
 
 
 def check_magnetic_tile_layout(root: Path, how_to_get: str) -> None:
+  _check_not_file(root)
   if not root.is_dir():
     raise UserError(f"Dataset folder {root} does not exist. {how_to_get}")
   missing = [name for name in MAGNETIC_TILE_CLASSES if not (root / name / "Imgs").is_dir()]
@@ -150,6 +160,14 @@ def check_magnetic_tile_layout(root: Path, how_to_get: str) -> None:
                     f"dataset's folder (MT_<class>/Imgs/<stem>.jpg with <stem>.png masks). {how_to_get}")
   if not any((root / "MT_Free" / "Imgs").glob("*.jpg")):
     raise UserError(f"The training folder {root / 'MT_Free' / 'Imgs'} has no .jpg images. {how_to_get}")
+
+
+def _check_not_file(root: Path) -> None:
+  """A path into a file (data_dir naming one, perhaps with a category below it) is said to be one, not
+  to be missing."""
+  existing = next(p for p in (root, *root.parents) if p.exists())
+  if not existing.is_dir():
+    raise UserError(f"{existing} is a file, not a folder: give the dataset's folder.")
 
 
 def _images(folder: Path, what: str, required: bool) -> list[Path]:
