@@ -104,7 +104,8 @@ def train_layer_fn(model, mesh=None):
       x = sharding.constrain_fibers(fibers[idx], mesh)
       c = sharding.constrain_fibers(condition[idx], mesh)
       log_p = precision.with_matmul_dtype(
-          lambda dtype, x, c: flow.log_prob(p, permutations, x, c, config.clamp, dtype), config.train_dtype, x, c)
+          lambda dtype, x, c: flow.log_prob(p, permutations, x, c, config.clamp, dtype), config.train_dtype,
+          x, c)
       return flow.nll_loss(log_p, channels)
 
     loss_and_grads = jax.value_and_grad(loss_fn)

@@ -8,6 +8,7 @@ flags a user gave (`dataclasses.replace(Config(), **given)`), so no default valu
 import collections.abc
 import dataclasses
 import functools
+import json
 import os
 import pathlib
 import resource
@@ -292,6 +293,12 @@ def chosen_images(scores, labels, count: int) -> list[tuple[str, int]]:
     for rank, index in enumerate(ranked[::-1][:count]):
       chosen.setdefault(int(index), f"{kind}_least_{rank + 1}")
   return [(name, index) for index, name in chosen.items()]
+
+
+def image_threshold(workdir: pathlib.Path) -> float | None:
+  """The run's image threshold from its metrics.json (the best-F1 threshold on its test set), if there."""
+  path = pathlib.Path(workdir) / "metrics.json"
+  return json.loads(path.read_text()).get("image_threshold") if path.is_file() else None
 
 
 def one_line(message: str) -> str:
