@@ -36,7 +36,12 @@ def latest_step(workdir) -> int | None:
 
 
 def save(workdir, step: int, state, meta: dict):
-  """Saves `state` (a pytree of arrays) and `meta` (JSON: config, encoder identity, progress) as `step`."""
+  """Saves `state` (a pytree of arrays) and `meta` (JSON: config, encoder identity, progress) as `step`.
+
+  On several processes every array is replicated over all of them and saved from host copies: orbax
+  then writes from process 0 alone (its device-array path failed on arrays spanning processes' CPUs)."""
+  if jax.process_count() > 1:
+    state = jax.device_get(state)
   with _manager(workdir) as manager:
     if step in manager.all_steps():
       # Replacing a step (the finished run's normalisation after its last epoch): a kill between delete

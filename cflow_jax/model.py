@@ -157,13 +157,17 @@ def batch_log_probs(model: Model, replicated, images, mesh):
   On a CPU split into several devices the result is gathered onto the first device. Each of them works
   through its own queue there, at its own pace; a maximum over a batch split across them is a collective,
   and one that waits more than 40 s for the slowest queue aborts the process (XLA:CPU's rendezvous
-  timeout, hit after minutes of scoring). A copy to one device just waits."""
+  timeout, hit after minutes of scoring). A copy to one device just waits.
+  On several processes they are gathered onto every device instead, so that each process can read them
+  (each computed only its own share of the batch)."""
   log_probs = image_log_probs(model, *replicated, sharding.shard_batch(images, mesh), mesh=mesh)
+  if jax.process_count() > 1:
+    return sharding.replicate_computed(log_probs, mesh)
   return jax.device_put(log_probs, mesh.devices.flat[0]) if _gathered(mesh) else log_probs
 
 
 def _gathered(mesh) -> bool:
-  return _cache_blocked() and mesh.size > 1
+  return _cache_blocked() and mesh.size > 1 and jax.process_count() == 1
 
 
 def beside_log_probs(tree, mesh):
