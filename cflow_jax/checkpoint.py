@@ -56,6 +56,9 @@ def restore(workdir, like_state, step: int | None = None):
   """Restores (state, meta) of `step` (default: the latest), shaped like `like_state`."""
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
   restored = _restore(workdir, step, ocp.args.StandardRestore(abstract))
+  if jax.process_count() > 1:
+    # Host copies: JAX places them on the job's mesh, which it cannot do from another process's device.
+    return jax.device_get(restored["state"]), restored["meta"]
   return restored["state"], restored["meta"]
 
 
