@@ -166,7 +166,11 @@ def load_exported(path, image_size: int | None = None) -> ExportedDetector:
     raise UserError(f"{path} was exported for {', '.join(header['platforms'])}, not for {platform}: "
                     f"export it again with that platform")
   with zipfile.ZipFile(path) as archive:
-    program = jax.export.deserialize(bytearray(archive.read(_PROGRAM)))
+    try:
+      program = jax.export.deserialize(bytearray(archive.read(_PROGRAM)))
+    except (ValueError, RuntimeError) as error:  # e.g. a serialisation newer than this JAX reads
+      raise UserError(f"{path} was exported with jax {header.get('jax_version')}, whose program jax "
+                      f"{jax.__version__} cannot read: {str(error).splitlines()[0]}") from None
     weights = []
     for i in range(header["weights"]):
       with archive.open(f"{_WEIGHTS}{i:05d}.npy") as f:
