@@ -384,7 +384,8 @@ def wait_for(address: str, seconds: float):
 
 
 def check_same_config(config: Config):
-  """On several processes, all must train the same config: a UserError naming the first that differs."""
+  """On several processes, all must train the same config, whose image batches divide over the job's
+  devices: a UserError naming the first process that differs, or the batch size."""
   if jax.process_count() == 1:
     return
   from jax.experimental import multihost_utils
