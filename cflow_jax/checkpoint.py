@@ -77,7 +77,12 @@ def newest_intact(workdir, read, log=print):
 
 def save(workdir, state, meta: dict) -> int:
   """Saves `state` (a pytree of arrays) and `meta` (JSON: config, encoder identity, progress) as the step
-  after the latest one, which stays (orbax keeps the two newest); returns the step."""
+  after the latest one, which stays (orbax keeps the two newest); returns the step.
+
+  On several processes every array is replicated over all of them and saved from host copies: orbax
+  then writes from process 0 alone (its device-array path failed on arrays spanning processes' CPUs)."""
+  if jax.process_count() > 1:
+    state = jax.device_get(state)
   with _manager(workdir) as manager:
     step = (manager.latest_step() or 0) + 1
     with _disk_errors(manager.directory, state), _quiet_orbax_threads():
@@ -153,6 +158,9 @@ def restore(workdir, like_state, step: int | None = None):
   """Restores (state, meta) of `step` (default: the latest), shaped like `like_state`."""
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
   restored = _restore(workdir, step, ocp.args.StandardRestore(abstract))
+  if jax.process_count() > 1:
+    # Host copies: JAX places them on the job's mesh, which it cannot do from another process's device.
+    return jax.device_get(restored["state"]), restored["meta"]
   return restored["state"], restored["meta"]
 
 

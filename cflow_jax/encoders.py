@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from cflow_jax import winograd
+from cflow_jax import platforms, winograd
 from cflow_jax.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -85,28 +85,41 @@ class Conv(nn.Module):
     k = self.kernel_size
     kernel = self.param("kernel", _HE_NORMAL, (k, k, x.shape[-1], self.features))
     output_tile = self._winograd_tile(x)
-    pad = (k - 1) // 2
-    if pad and (self.padding == "reflect" or output_tile):  # both take an input padded beforehand
-      mode = "reflect" if self.padding == "reflect" else "constant"
-      x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
-      pad = 0
     if output_tile:
-      y = winograd.conv3x3_valid(x.astype(jnp.float32), kernel, self.dtype, output_tile)
+      # Winograd's path where the program runs on a CPU, XLA's convolution on a GPU or TPU.
+      y = platforms.cpu_or_accelerator(functools.partial(self._winograd, output_tile), self._direct, x, kernel)
     else:
-      y = jax.lax.conv_general_dilated(
-          x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
-          ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-          preferred_element_type=jnp.float32)
+      y = self._direct(x, kernel)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,))
     return y
 
+  def _pad(self, x, always: bool):
+    """x padded by the kernel's half width if reflected, or if `always` (Winograd takes a padded input);
+    and the padding left for XLA's convolution to add."""
+    pad = (self.kernel_size - 1) // 2
+    if pad and (self.padding == "reflect" or always):
+      mode = "reflect" if self.padding == "reflect" else "constant"
+      return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode), 0
+    return x, pad
+
+  def _direct(self, x, kernel):
+    x, pad = self._pad(x, always=False)
+    return jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
+        ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        preferred_element_type=jnp.float32)
+
+  def _winograd(self, output_tile, x, kernel):
+    x, _ = self._pad(x, always=True)
+    return winograd.conv3x3_valid(x.astype(jnp.float32), kernel, self.dtype, output_tile)
+
   def _winograd_tile(self, x) -> int:
-    """m of Winograd's F(m x m, 3x3) for this convolution, 0 for XLA's direct one: Winograd only for 3x3
-    stride-1 convolutions on the CPU (accelerators' own convolutions already choose their algorithm), and
-    F(4x4) only in float32: its transforms scale the tiles by up to 8, too much for bfloat16's 8 bits
-    (errors of 7e-2 of the output's largest value, against 4e-3 for F(2x2))."""
-    if self.kernel_size != 3 or self.stride != 1 or jax.default_backend() != "cpu":
+    """m of Winograd's F(m x m, 3x3) for this convolution on the CPU, 0 for XLA's direct one: Winograd only
+    for 3x3 stride-1 convolutions, and only on the CPU (accelerators' own convolutions already choose their
+    algorithm: see `__call__`), and F(4x4) only in float32: its transforms scale the tiles by up to 8, too
+    much for bfloat16's 8 bits (errors of 7e-2 of the output's largest value, against 4e-3 for F(2x2))."""
+    if self.kernel_size != 3 or self.stride != 1:
       return 0
     channels, size = x.shape[-1], min(x.shape[1:3])
     if self.dtype == jnp.float32 and channels >= WINOGRAD_4X4_CHANNELS and size >= WINOGRAD_4X4_SIZE:

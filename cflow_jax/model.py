@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from cflow_jax import encoders, flow, precision, sharding
 from cflow_jax.config import Config
+from cflow_jax.platforms import cpu_or_accelerator
 from cflow_jax.positional import positional_encoding
 
 
@@ -53,14 +54,15 @@ def init_decoders(model: Model, key):
 
 # On the CPU, each device runs the encoder image by image and the flows about this many fibers at a time
 # (whole positions of its batch): the working set then stays in cache, which scores faster than whole
-# batches do (experiments/bench_speed.py; figures in docs/results.md).
+# batches do (experiments/bench_speed.py; figures in docs/results.md). Accelerators want whole batches. Which
+# path a program takes is chosen when it is lowered (`platforms`), so that a program exported for a GPU or
+# TPU carries theirs.
 _CPU_FIBER_BLOCK = 1024
 
 
 def _cache_blocked() -> bool:
-  """Whether to split batches for the cache: on the CPU, where each device loops over its own images
-  (`sharding.per_device` keeps a batch split over several devices local to each); accelerators want whole
-  batches."""
+  """Whether this process computes on the CPU: each device then loops over its own images
+  (`sharding.per_device` keeps a batch split over several devices local to each)."""
   return jax.default_backend() == "cpu"
 
 
@@ -78,10 +80,11 @@ def _in_blocks(fn, x, c, block: int):
 
 
 def _encode(model: Model, encoder_variables, images):
-  extract = functools.partial(encoders.extract, model.encoder, model.spec, encoder_variables)
-  if not _cache_blocked() or images.shape[0] == 1:
-    return extract(images)
-  return jax.lax.map(lambda image: tuple(f[0] for f in extract(image[None])), images)
+  extract = functools.partial(encoders.extract, model.encoder, model.spec)
+  if images.shape[0] == 1:
+    return extract(encoder_variables, images)
+  per_image = lambda v, x: jax.lax.map(lambda image: tuple(f[0] for f in extract(v, image[None])), x)
+  return cpu_or_accelerator(per_image, extract, encoder_variables, images)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="mesh")
@@ -103,13 +106,14 @@ def fibers_and_condition(features, condition_dim):
   return features.reshape(b * h * w, c), condition
 
 
-def layer_log_probs(model: Model, params, permutations, features):
+def layer_log_probs(model: Model, params, permutations, features, block_images: int | None = None):
   """Per-fiber log p(x | c) / C for each tapped layer: a tuple of (B, h, w) arrays.
 
   Dividing by C puts layers of different widths on one scale, as both references do before scoring.
   The flows see the fibers position by position, (h*w, B, C): the B fibers at one position share its
   condition, whose part of the work is then done once per position, not once per image (up to 20% of the
-  flows' FLOPs with vgg16_hed).
+  flows' FLOPs with vgg16_hed). On the CPU they run in blocks of positions sized for `block_images` images
+  (default: the batch's own size; a symbolic batch, as in an export, needs it given).
   """
   out = []
   condition_dim = model.config.condition_dim
@@ -117,14 +121,24 @@ def layer_log_probs(model: Model, params, permutations, features):
     b, h, w, c = f.shape
     fibers = jnp.transpose(f.astype(jnp.float32).reshape(b, h * w, c), (1, 0, 2))
     condition = positional_encoding(h, w, condition_dim).reshape(h * w, condition_dim)
-    log_p_of = lambda x, cond: flow.log_prob(layer_params, layer_perms, x, cond, model.config.clamp,
-                                             precision.matmul_dtype(model.config.score_dtype))
-    if _cache_blocked():
-      log_p = _in_blocks(log_p_of, fibers, condition, max(_CPU_FIBER_BLOCK // b, 1))
-    else:
-      log_p = log_p_of(fibers, condition)
+
+    def log_p_of(x, cond, layer_params=layer_params, layer_perms=layer_perms):
+      return precision.with_matmul_dtype(
+          lambda dtype, x, cond: flow.log_prob(layer_params, layer_perms, x, cond, model.config.clamp, dtype),
+          model.config.score_dtype, x, cond)
+
+    block = max(_CPU_FIBER_BLOCK // (block_images or b), 1)
+    blocked = lambda x, cond: _in_blocks(log_p_of, x, cond, block)
+    log_p = cpu_or_accelerator(blocked, log_p_of, fibers, condition)
     out.append((log_p.T / c).reshape(b, h, w))
   return tuple(out)
+
+
+def local_log_probs(model: Model, encoder_variables, params, permutations, images,
+                    block_images: int | None = None):
+  """uint8 images -> per-layer log p / C maps on one device: the encoder, then the flows."""
+  features = _encode(model, encoder_variables, images)
+  return layer_log_probs(model, params, permutations, features, block_images)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="mesh")
@@ -133,10 +147,7 @@ def image_log_probs(model: Model, encoder_variables, params, permutations, image
 
   With a `mesh`, the images split over its devices and the rest replicated, each device scores its own.
   """
-  def local(encoder_variables, params, permutations, images):
-    return layer_log_probs(model, params, permutations, _encode(model, encoder_variables, images))
-
-  run = sharding.per_device(local, mesh, images.shape[0])
+  run = sharding.per_device(functools.partial(local_log_probs, model), mesh, images.shape[0])
   return run(encoder_variables, params, permutations, images)
 
 
@@ -147,13 +158,17 @@ def batch_log_probs(model: Model, replicated, images, mesh):
   On a CPU split into several devices the result is gathered onto the first device. Each of them works
   through its own queue there, at its own pace; a maximum over a batch split across them is a collective,
   and one that waits more than 40 s for the slowest queue aborts the process (XLA:CPU's rendezvous
-  timeout, hit after minutes of scoring). A copy to one device just waits."""
+  timeout, hit after minutes of scoring). A copy to one device just waits.
+  On several processes they are gathered onto every device instead, so that each process can read them
+  (each computed only its own share of the batch)."""
   log_probs = image_log_probs(model, *replicated, sharding.shard_batch(images, mesh), mesh=mesh)
+  if jax.process_count() > 1:
+    return sharding.replicate_computed(log_probs, mesh)
   return jax.device_put(log_probs, mesh.devices.flat[0]) if _gathered(mesh) else log_probs
 
 
 def _gathered(mesh) -> bool:
-  return _cache_blocked() and mesh.size > 1
+  return _cache_blocked() and mesh.size > 1 and jax.process_count() == 1
 
 
 def beside_log_probs(tree, mesh):

@@ -11,6 +11,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from cflow_jax import platforms
+
 CPUINFO = "/proc/cpuinfo"
 
 
@@ -19,6 +21,17 @@ def matmul_dtype(name: str, platform: str | None = None):
   if name == "auto":
     name = "bfloat16" if has_native_bfloat16(platform or jax.default_backend()) else "float32"
   return jnp.dtype(name)
+
+
+def with_matmul_dtype(fn, name: str, *args):
+  """fn(dtype, *args) with the dtype `name` resolves to on the platform the program runs on: "auto" is
+  resolved when the program is lowered (`platforms`), so that one exported for several platforms takes
+  bfloat16 on a GPU or TPU even where it was traced on a CPU without it. "auto" on the CPU is this CPU's
+  choice."""
+  cpu, accelerator = matmul_dtype(name, "cpu"), matmul_dtype(name, "accelerator")
+  if cpu == accelerator:
+    return fn(cpu, *args)
+  return platforms.cpu_or_accelerator(functools.partial(fn, cpu), functools.partial(fn, accelerator), *args)
 
 
 def has_native_bfloat16(platform: str) -> bool:

@@ -32,6 +32,12 @@ def replicate(tree, mesh: Mesh):
   return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
+def replicate_computed(tree, mesh: Mesh):
+  """Arrays computed on the mesh (split over it) gathered onto every device: on several processes, the
+  only way each process can read all of them."""
+  return jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(tree)
+
+
 def shard_batch(x: np.ndarray, mesh: Mesh):
   """Splits a host batch along its first axis over the mesh.
 

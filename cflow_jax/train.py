@@ -119,8 +119,9 @@ def train_layer_fn(model, mesh=None):
     def loss_fn(p, idx):
       x = sharding.constrain_fibers(fibers[idx], mesh)
       c = sharding.constrain_fibers(condition[idx], mesh)
-      log_p = flow.log_prob(p, permutations, x, c, config.clamp,
-                            precision.matmul_dtype(config.train_dtype))
+      log_p = precision.with_matmul_dtype(
+          lambda dtype, x, c: flow.log_prob(p, permutations, x, c, config.clamp, dtype), config.train_dtype,
+          x, c)
       return flow.nll_loss(log_p, channels)
 
     loss_and_grads = jax.value_and_grad(loss_fn)

@@ -11,6 +11,7 @@ runs/<dataset>, a category train.py has already trained is reused); the tables g
 
 import pathlib
 
+import jax
 from absl import app, flags
 
 import common
@@ -83,8 +84,9 @@ def main(argv):
   if FLAGS.dataset == "mvtec_ad":
     text += published(results)
   path = root / f"benchmark_{config.backbone}.md"
-  path.write_text(text)
-  print(f"\n{text}\nwritten to {path}")
+  if jax.process_index() == 0:  # on several processes every category is data parallel over all of them
+    path.write_text(text)
+    print(f"\n{text}\nwritten to {path}")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,12 @@ flags a user gave (`dataclasses.replace(Config(), **given)`), so no default valu
 
 import dataclasses
 import functools
+import hashlib
+import json
 import os
 import pathlib
 import resource
+import socket
 import sys
 import time
 
@@ -140,9 +143,16 @@ def define_training_flags():
                        "operation at a time per device, and the decoders' small matmuls keep two cores "
                        "barely busier than one). Default: one per tapped layer, at most one per core, "
                        "unless JAX_NUM_CPU_DEVICES or XLA_FLAGS already set a count.")
-  flags.DEFINE_bool("distributed", False, "Several hosts: call jax.distributed.initialize() first (its "
-                    "settings come from the environment, as on Cloud TPU or SLURM); host 0 writes the "
-                    "reports.")
+  flags.DEFINE_bool("distributed", False, "Several hosts: join one JAX job first "
+                    "(jax.distributed.initialize: its settings come from the environment, as on Cloud TPU "
+                    "or SLURM, unless the three flags below give them); process 0 writes the reports.")
+  flags.DEFINE_string("coordinator_address", None, "With --distributed: HOST:PORT of process 0, which "
+                      "every process connects to.")
+  flags.DEFINE_integer("num_processes", None, "With --distributed: how many processes join.", lower_bound=1)
+  flags.DEFINE_integer("process_id", None, "With --distributed: this process's index, 0 to num_processes "
+                       "- 1.", lower_bound=0)
+  flags.DEFINE_integer("coordinator_timeout", 300, "With --distributed: seconds to wait for every process "
+                       "to join before giving up.", lower_bound=1)
 
 
 def config_from_flags() -> Config:
@@ -156,9 +166,11 @@ def config_from_flags() -> Config:
   if FLAGS.dataset == "demo":
     given = {**DEMO_DEFAULTS, **given}
   try:
-    return Config.recipe(FLAGS.recipe, **given) if FLAGS.recipe else dataclasses.replace(Config(), **given)
+    config = Config.recipe(FLAGS.recipe, **given) if FLAGS.recipe else dataclasses.replace(Config(), **given)
   except ValueError as error:
     raise UserError(f"bad flag value: {error}") from error
+  check_same_config(config)
+  return config
 
 
 def load_splits(category: str | None, config: Config) -> tuple[data.ImageSet, data.ImageSet]:
@@ -249,7 +261,8 @@ def train_and_evaluate(config: Config, train_set, test_set, workdir, num_picture
     (workdir / "results.md").write_text(report.results_tables({train_set.category: metrics}))
     _draw(workdir, evaluation, test_set, config.image_size, num_pictures)
   print(summary(train_set.category, document))
-  print(f"written to {workdir}: metrics.json, results.md, roc.png, pro.png, pictures/")
+  if jax.process_index() == 0:
+    print(f"written to {workdir}: metrics.json, results.md, roc.png, pro.png, pictures/")
   return document
 
 
@@ -304,6 +317,12 @@ def chosen_images(scores, labels, count: int) -> list[tuple[str, int]]:
   return [(name, index) for index, name in chosen.items()]
 
 
+def image_threshold(workdir: pathlib.Path) -> float | None:
+  """The run's image threshold from its metrics.json (the best-F1 threshold on its test set), if there."""
+  path = pathlib.Path(workdir) / "metrics.json"
+  return json.loads(path.read_text()).get("image_threshold") if path.is_file() else None
+
+
 def one_line(message: str) -> str:
   """A multi-line message (e.g. one that draws a folder layout) as one line."""
   text = ""
@@ -341,6 +360,56 @@ def split_cpu(devices: int | None):
   jax.config.update("jax_num_cpu_devices", devices)
 
 
+def join_job():
+  """jax.distributed.initialize with the flags' settings (None: from the environment), CPU collectives
+  between processes (gloo; accelerators use their own), and a UserError for a job that does not form."""
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  address = FLAGS.coordinator_address
+  if address and FLAGS.process_id:
+    # JAX's client aborts the whole process (a C++ fatal error, not an exception) on a coordinator it
+    # cannot reach: try it here first.
+    wait_for(address, FLAGS.coordinator_timeout)
+  try:
+    jax.distributed.initialize(address, FLAGS.num_processes, FLAGS.process_id,
+                               initialization_timeout=FLAGS.coordinator_timeout)
+  except (RuntimeError, ValueError) as error:  # XlaRuntimeError is a RuntimeError
+    where = f"the coordinator at {address}" if address else "the job's other processes"
+    raise UserError(f"could not join {where} within {FLAGS.coordinator_timeout} s "
+                    f"(--coordinator_timeout): {one_line(error)[:300]}") from None
+
+
+def wait_for(address: str, seconds: float):
+  """Returns once something listens at HOST:PORT; a UserError after `seconds`."""
+  host, _, port = address.rpartition(":")
+  deadline = time.monotonic() + seconds
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=1.0):
+        return
+    except (OSError, ValueError) as error:
+      if time.monotonic() > deadline:
+        raise UserError(f"could not reach the coordinator at {address} within {seconds} s "
+                        f"(--coordinator_timeout): {error}") from None
+      time.sleep(0.5)
+
+
+def check_same_config(config: Config):
+  """On several processes, all must train the same config, whose image batches divide over the job's
+  devices: a UserError naming the first process that differs, or the batch size."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+  digest = np.frombuffer(hashlib.sha256(config.to_json().encode()).digest(), np.uint8)
+  digests = np.asarray(multihost_utils.process_allgather(digest))
+  differs = [i for i in range(len(digests)) if (digests[i] != digests[0]).any()]
+  if differs:
+    raise UserError(f"the processes disagree on the config: process {differs[0]}'s differs from process "
+                    f"0's; start every process with the same flags")
+  if config.batch_size % jax.device_count():
+    raise UserError(f"--batch_size={config.batch_size} does not divide over the job's "
+                    f"{jax.device_count()} devices: each must get a whole share of every batch")
+
+
 def exit_on_user_error(main):
   """`main`, with a UserError or a full or read-only disk printed as one line on stderr and exit code 1
   instead of a traceback, Ctrl-C as one line and exit code 130, and
@@ -353,9 +422,9 @@ def exit_on_user_error(main):
       split_cpu(FLAGS.cpu_devices)
     if "compilation_cache" in FLAGS:
       compile_cache.enable(FLAGS.compilation_cache)
-    if "distributed" in FLAGS and FLAGS.distributed:
-      jax.distributed.initialize()
     try:
+      if "distributed" in FLAGS and FLAGS.distributed:
+        join_job()
       return main(argv)
     except UserError as error:
       _exit(1, f"error: {one_line(error)}")

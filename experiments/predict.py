@@ -1,13 +1,16 @@
-"""Scores new images with a trained run: an anomaly score per image and a heat map picture of each.
+"""Scores new images with a trained run or an exported detector: an anomaly score per image and a heat map
+picture of each.
 
   python experiments/predict.py --workdir=runs/mvtec_ad/cable/wide_resnet50_2 photo1.png photo2.jpg more/
+  python experiments/predict.py --exported=cable.jaxexport photo1.png      # from experiments/export.py
 
 Arguments are image files or folders (their images, recursively). Images of any size are resized as the
 training pipeline resized them. A file that cannot be read as an image is reported and skipped. Writes into
---out_dir (default <workdir>/predictions): scores.csv, scores.json and <index>_<image name>.png (the image,
-the heat map and the map over the image), replacing the previous call's files there. The verdict column
-compares the score with --threshold, by default the image threshold of the run's metrics.json (the best-F1
-threshold on its test set).
+--out_dir (default <workdir>/predictions, or <file name>_predictions beside an exported file): scores.csv,
+scores.json and <index>_<image name>.png (the image, the heat map and the map over the image), replacing
+the previous call's pictures there. The verdict column compares the score with --threshold, by default the
+image threshold of the run's metrics.json (the best-F1 threshold on its test set; an exported file
+carries it).
 """
 
 import csv
@@ -24,14 +27,16 @@ from cflow_jax import api, checkpoint, report
 from cflow_jax.data import files
 from cflow_jax.data.input_pipeline import preprocess
 from cflow_jax.errors import UserError
+from cflow_jax.export import load_exported
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A finished training run's workdir (holding checkpoints/).")
-flags.DEFINE_string("out_dir", None, "Where the scores and pictures go. Default: <workdir>/predictions.")
+flags.DEFINE_string("exported", None, "An exported detector (experiments/export.py), instead of --workdir.")
+flags.DEFINE_string("out_dir", None, "Where the scores and pictures go. Default: <workdir>/predictions, or "
+                    "<file name>_predictions beside the exported file.")
 flags.DEFINE_float("threshold", None, "Image score at or above which an image is called anomalous. "
-                   "Default: image_threshold of <workdir>/metrics.json, if there.")
+                   "Default: image_threshold of <workdir>/metrics.json (or the exported file's), if known.")
 flags.DEFINE_integer("batch_size", None, "Images per encoder pass. Default: the run's.", lower_bound=1)
-flags.mark_flag_as_required("workdir")
 common.define_compilation_cache_flag()
 
 
@@ -48,18 +53,14 @@ def image_paths(arguments) -> list[pathlib.Path]:
   return paths
 
 
-def read_resized(path: pathlib.Path, config) -> np.ndarray:
-  """(S, S, 3) RGB, read and resized as the training images were (a UserError if unreadable)."""
+def read_resized(path: pathlib.Path, scorer) -> np.ndarray:
+  """(S, S, 3) RGB, read and resized as the training images were (a UserError if unreadable); `scorer` has
+  the run's image_size, resample and image_dtype (a Config or an exported detector)."""
   encoded, size = files.read_image(path)
   with Image.open(io.BytesIO(encoded)) as image:
     rgb = np.asarray(image.convert("RGB"))
-  return preprocess({"image": rgb, "mask": np.zeros(size, np.uint8)}, config.image_size, 0.0, config.resample,
-                    config.image_dtype)["image"]
-
-
-def default_threshold(workdir: pathlib.Path) -> float | None:
-  path = workdir / "metrics.json"
-  return json.loads(path.read_text()).get("image_threshold") if path.is_file() else None
+  return preprocess({"image": rgb, "mask": np.zeros(size, np.uint8)}, scorer.image_size, 0.0, scorer.resample,
+                    scorer.image_dtype)["image"]
 
 
 def clear_previous(out_dir: pathlib.Path) -> int:
@@ -77,9 +78,15 @@ def clear_previous(out_dir: pathlib.Path) -> int:
   return deleted
 
 
-def main(argv):
-  if len(argv) < 2:
-    raise UserError("name the images to score: predict.py --workdir=... IMAGE_OR_FOLDER ...")
+def scorer_and_defaults():
+  """(what the images are read for: a Config or an exported detector, score(images, batch_size) -> (scores,
+  maps), the default out_dir, the default threshold)."""
+  if (FLAGS.workdir is None) == (FLAGS.exported is None):
+    raise UserError("give --workdir (a trained run) or --exported (an exported file), one of the two")
+  if FLAGS.exported:
+    path = pathlib.Path(FLAGS.exported)
+    exported = load_exported(path)
+    return exported, exported.score, path.with_name(f"{path.stem}_predictions"), exported.image_threshold
   workdir = pathlib.Path(FLAGS.workdir)
   if checkpoint.latest_step(workdir) is None:
     raise UserError(f"no trained run in {workdir} (no checkpoints/): train one with "
@@ -89,22 +96,30 @@ def main(argv):
   except checkpoint.DamagedCheckpoint as error:
     raise UserError(f"{error}; run train.py again with the same --workdir to rebuild the finished run from "
                     "the newest intact checkpoint") from None
+  score = lambda images, batch_size: api.score(detector, images, batch_size, progress=True)
+  return detector.config, score, workdir / "predictions", common.image_threshold(workdir)
+
+
+def main(argv):
+  if len(argv) < 2:
+    raise UserError("name the images to score: predict.py --workdir=RUN (or --exported=FILE) IMAGE_OR_FOLDER ...")
+  scorer, score_images, default_out, default_threshold = scorer_and_defaults()
 
   images, names = [], []
   for path in image_paths(argv[1:]):
     try:
-      images.append(read_resized(path, detector.config))
+      images.append(read_resized(path, scorer))
       names.append(path)
     except UserError as error:
       print(f"skipped {path}: {common.one_line(error)}")
   if not images:
     raise UserError("none of the arguments is a readable image")
-  scores, maps = api.score(detector, np.stack(images), FLAGS.batch_size, progress=True)
+  scores, maps = score_images(np.stack(images), FLAGS.batch_size)
 
-  out_dir = pathlib.Path(FLAGS.out_dir) if FLAGS.out_dir else workdir / "predictions"
+  out_dir = pathlib.Path(FLAGS.out_dir) if FLAGS.out_dir else default_out
   out_dir.mkdir(parents=True, exist_ok=True)
   cleared = clear_previous(out_dir)
-  threshold = FLAGS.threshold if FLAGS.threshold is not None else default_threshold(workdir)
+  threshold = FLAGS.threshold if FLAGS.threshold is not None else default_threshold
   low, high = float(maps.min()), float(maps.max())  # one colour scale for all pictures
   rows = []
   for index, (path, image, score, anomaly_map) in enumerate(zip(names, images, scores, maps)):
@@ -122,7 +137,8 @@ def main(argv):
     writer.writeheader()
     writer.writerows(rows)
   (out_dir / "scores.json").write_text(json.dumps(
-      {"workdir": str(workdir), "threshold": threshold, "images": rows}, indent=2) + "\n")
+      {"workdir": FLAGS.workdir, "exported": FLAGS.exported, "threshold": threshold, "images": rows},
+      indent=2) + "\n")
   replaced = f" (replacing the previous call's {cleared} pictures)" if cleared else ""
   print(f"{len(rows)} images scored; scores.csv, scores.json and pictures in {out_dir}{replaced}")
 

@@ -192,8 +192,9 @@ def test_cache_blocked_scoring_on_one_cpu_equals_whole_batch_scoring(trained, mo
   monkeypatch.setattr(cf.model, "_CPU_FIBER_BLOCK", 40)  # 3 * 16 * 16 fibers = 19 blocks and 8 left over
 
   def log_probs(blocked):
-    monkeypatch.setattr(cf.model, "_cache_blocked", lambda: blocked)
-    jax.clear_caches()  # the jitted functions were traced under the other setting
+    pick = lambda cpu, accelerator, *args: (cpu if blocked else accelerator)(*args)
+    monkeypatch.setattr(cf.model, "cpu_or_accelerator", pick)  # the encoder keeps its path
+    jax.clear_caches()  # the jitted functions were traced with the other path
     return cf.model.image_log_probs(detector.model, variables, detector.params, detector.permutations, images)
 
   for blocked, whole in zip(log_probs(True), log_probs(False)):
