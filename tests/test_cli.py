@@ -242,8 +242,8 @@ from cflow_jax import checkpoint
 
 save = checkpoint.save
 
-def save_then_die(workdir, step, *args, **kwargs):
-  save(workdir, step, *args, **kwargs)
+def save_then_die(*args, **kwargs):
+  step = save(*args, **kwargs)  # a run's steps count its saves: epoch e's checkpoint is step e
   if step == {epoch}:
     os._exit({code})
 

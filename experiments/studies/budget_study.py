@@ -192,20 +192,27 @@ def study(args):
         _append(out, {**base, "side": "ours", "variant": variant, "epochs": epochs, "seed": seed, **row})
 
 
-def table(out: Path, dataset: str | None = None) -> str:
-  """Mean over seeds per (dataset, epochs, side/variant): accuracy in percent and training seconds."""
+def table(out: Path, dataset: str | None = None, tag: str | None = None) -> str:
+  """Mean over seeds per (dataset, epochs, run): accuracy in percent and training seconds. anomalib's runs
+  give two lines: its own maps (normalised per batch of the test folder, in file order) and the same
+  log-likelihoods with maxima over the whole test set, where recorded."""
   rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
   groups: dict = {}
   for r in rows:
-    if dataset is None or r["dataset"] == dataset:
-      name = r["variant"] if r["side"] == "anomalib" else f"{r['tag']}: {r['variant']}"
-      groups.setdefault((r["dataset"], r["epochs"], name), []).append(r)
+    if (dataset is None or r["dataset"] == dataset) and (tag is None or r["tag"] == tag):
+      if r["side"] == "anomalib":
+        groups.setdefault((r["dataset"], r["epochs"], "anomalib, its maps"), []).append((r, ""))
+        if "image_auroc_test_set" in r:
+          groups.setdefault((r["dataset"], r["epochs"], "anomalib, test-set maxima"), []).append((r, "_test_set"))
+      else:
+        name = "ours" if r["variant"] == "default" else f"ours, {r['variant']}"
+        groups.setdefault((r["dataset"], r["epochs"], f"{name} ({r['tag']})"), []).append((r, ""))
   lines = []
-  for (ds, epochs, variant), group in sorted(groups.items()):
-    mean = lambda k: statistics.mean(100 * g[k] for g in group)
-    seconds = statistics.mean(g["train_seconds"] for g in group)
-    seeds = ",".join(str(g["seed"]) for g in group)
-    lines.append(f"| {ds} | {epochs} | {variant} | {mean('image_auroc'):.2f} | {mean('pixel_auroc'):.2f} | "
+  for (ds, epochs, name), group in sorted(groups.items()):
+    mean = lambda k: statistics.mean(100 * g[k + suffix] for g, suffix in group)
+    seconds = statistics.mean(g["train_seconds"] for g, _ in group)
+    seeds = ",".join(str(g["seed"]) for g, _ in group)
+    lines.append(f"| {ds} | {epochs} | {name} | {mean('image_auroc'):.2f} | {mean('pixel_auroc'):.2f} | "
                  f"{mean('aupro'):.2f} | {mean('image_f1'):.2f} | {seconds:.0f} | {seeds} |")
   header = ("| dataset | epochs | run | image AUROC | pixel AUROC | AUPRO | image F1 | train s | seeds |\n"
             "|---|---:|---|---:|---:|---:|---:|---:|---|")
@@ -234,13 +241,16 @@ def parse_args(argv=None):
   parser.add_argument("--torch_python", default="/work/torchenv/bin/python")
   parser.add_argument("--workdir", default="/tmp/budget_study")
   parser.add_argument("--out", default=str(OUT))
-  parser.add_argument("--table", action="store_true", help="print the tables of --out and exit")
+  parser.add_argument("--table", action="store_true", help="print the tables of --out (--dataset, --tag if "
+                      "given on the command line) and exit")
   return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
   arguments = parse_args()
   if arguments.table:
-    print(table(Path(arguments.out)))
+    given = " ".join(sys.argv)
+    print(table(Path(arguments.out), arguments.dataset if "--dataset" in given else None,
+                arguments.tag if "--tag" in given else None))
   else:
     study(arguments)
