@@ -7,6 +7,7 @@ hands JAX only its own slice of every image batch; only process 0 writes checkpo
 again resumes.
 """
 
+import json
 import pathlib
 import socket
 import subprocess
@@ -14,6 +15,9 @@ import sys
 
 import numpy as np
 import pytest
+
+# Processes, whole training runs and lowerings for three platforms: the slow subset (pyproject.toml).
+pytestmark = pytest.mark.slow
 
 REPO = pathlib.Path(__file__).parents[1]
 
@@ -98,18 +102,18 @@ def test_a_run_restarted_on_every_process_resumes_from_its_checkpoint(two_proces
   assert (folder / "run" / "checkpoints" / "2").is_dir()
 
 
-def train_processes(*per_process_flags) -> list:
-  """experiments/train.py as one process per element of `per_process_flags` of a job on this machine;
-  each one's (return code, stderr)."""
+def train_processes(*per_process_flags, script="train.py", stdout=False) -> list:
+  """experiments/train.py (or `script`) as one process per element of `per_process_flags` of a job on this
+  machine; each one's (return code, stderr), or (return code, stderr, stdout)."""
   port, count = free_port(), len(per_process_flags)
-  workers = [subprocess.Popen([sys.executable, str(REPO / "experiments" / "train.py"), "--dataset=demo",
+  workers = [subprocess.Popen([sys.executable, str(REPO / "experiments" / script), "--dataset=demo",
                                "--image_size=64", "--epochs=1", "--max_train=8", "--cpu_devices=1", "--distributed",
                                f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={count}",
                                f"--process_id={i}", *flags], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for i, flags in enumerate(per_process_flags)]
-  stderrs = [w.communicate(timeout=300)[1] for w in workers]
-  return [(w.returncode, stderr) for w, stderr in zip(workers, stderrs)]
+  outputs = [w.communicate(timeout=300) for w in workers]
+  return [(w.returncode, err, out) if stdout else (w.returncode, err) for w, (out, err) in zip(workers, outputs)]
 
 
 def assert_one_line(returncode, stderr, *words):
@@ -136,3 +140,26 @@ def test_processes_that_disagree_on_the_config_or_a_batch_that_does_not_divide_a
                                             [f"--workdir={tmp_path}", "--batch_size=3"]):
     assert_one_line(returncode, stderr, "--batch_size=3", "2 devices")
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_benchmark_on_two_processes_trains_each_category_data_parallel_and_reports_once(tmp_path):
+  """benchmark.py on a job of two processes: the categories one after another, each data parallel over
+  both processes (as train.py), its metrics those of a one-process run, the table written and announced
+  by process 0 alone."""
+  flags = ("--categories=brick,grass", "--max_test=8", "--num_pictures=0")
+  results = train_processes(*[(f"--workdir={tmp_path / 'two'}", *flags)] * 2, script="benchmark.py",
+                            stdout=True)
+  for returncode, stderr, _ in results:
+    assert returncode == 0, stderr[-4000:]
+  assert "benchmark_vgg16_hed.md" in results[0][2] and "benchmark_vgg16_hed.md" not in results[1][2]
+  one = subprocess.run([sys.executable, str(REPO / "experiments" / "benchmark.py"), "--dataset=demo",
+                        "--image_size=64", "--epochs=1", "--max_train=8", "--cpu_devices=1",
+                        f"--workdir={tmp_path / 'one'}", *flags], cwd=REPO, capture_output=True, text=True,
+                       timeout=600)
+  assert one.returncode == 0, one.stderr[-4000:]
+  for category in ("brick", "grass"):
+    two_metrics, one_metrics = (json.loads((tmp_path / side / category / "vgg16_hed" / "metrics.json").read_text())
+                                for side in ("two", "one"))
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+      assert two_metrics[key] == pytest.approx(one_metrics[key], abs=1e-3), (category, key)
+  assert (tmp_path / "two" / "benchmark_vgg16_hed.md").read_text().count("brick") >= 1

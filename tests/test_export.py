@@ -21,6 +21,9 @@ import cflow_jax as cf
 from cflow_jax.errors import UserError
 from cflow_jax.export import FORMAT_VERSION, read_header
 
+# Processes, whole training runs and lowerings for three platforms: the slow subset (pyproject.toml).
+pytestmark = pytest.mark.slow
+
 REPO = pathlib.Path(__file__).parents[1]
 CONFIG = cf.Config(backbone="vgg16_hed", image_size=64, coupling_blocks=2, fiber_batch=64, batch_size=8,
                    meta_epochs=1, sub_epochs=1, rotation=0.0)

@@ -17,6 +17,9 @@ from cflow_jax import encoders, model as model_lib, train
 from cflow_jax.config import BACKBONES
 from cflow_jax.export import scoring_program
 
+# Processes, whole training runs and lowerings for three platforms: the slow subset (pyproject.toml).
+pytestmark = pytest.mark.slow
+
 ACCELERATORS = ("cuda", "tpu")
 IMAGE_SIZE = 64  # lowering depends on shapes, not on how large they are
 DTYPES = ("float32", "bfloat16")
