@@ -39,9 +39,9 @@ class Killed(Exception):
 
 @pytest.fixture(scope="module")
 def splits():
-  train_set = common._pick(cf.data.load("demo", "train", "brick"), range(8))
+  train_set = cf.data.load("demo", "train", "brick").subset(range(8))
   test_set = cf.data.load("demo", "test", "brick")
-  test_set = common._pick(test_set, np.linspace(0, len(test_set) - 1, 8).round())
+  test_set = test_set.subset(np.linspace(0, len(test_set) - 1, 8).round())
   return api.resized(CONFIG, train_set), api.resized(CONFIG, test_set)
 
 
