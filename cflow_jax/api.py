@@ -99,18 +99,26 @@ def fit(config: Config, train_set, *, encoder_variables=None, workdir=None, prog
   state, history = train.fit(model, encoder_variables, train_batches, batches_per_epoch, workdir=workdir,
                              meta=identity, progress=progress, log=log)
   began = time.perf_counter()
-  normalization = train.unset_normalization(len(model.channels))
-  if config.normalization == "train":
-    subset = normalization_subset(config, train_set)
-    batches = input_batches(config, subset, config.batch_size)
-    normalization = train.fit_normalization(
-        model, encoder_variables, state.params, state.permutations,
-        (b["image"] for b in _bar(batches, subset, config.batch_size, "normalisation", progress)))
+  normalization = fixed_normalization(model, encoder_variables, state.params, state.permutations, train_set,
+                                      progress)
   history["normalization_seconds"] = time.perf_counter() - began
   state = state._replace(normalization=normalization)
   if workdir is not None:
     train.save_final(workdir, state, config, identity, history)
   return Detector(model, encoder_variables, state.params, state.permutations, normalization, history)
+
+
+def fixed_normalization(model, encoder_variables, params, permutations, train_set, progress=False):
+  """The normalisation a trained detector keeps: with `normalization="train"`, the maxima over
+  `normalization_subset` of its training images; otherwise none (`train.unset_normalization`)."""
+  config = model.config
+  if config.normalization != "train":
+    return train.unset_normalization(len(model.channels))
+  subset = normalization_subset(config, train_set)
+  batches = input_batches(config, subset, config.batch_size)
+  return train.fit_normalization(
+      model, encoder_variables, params, permutations,
+      (b["image"] for b in _bar(batches, subset, config.batch_size, "normalisation", progress)))
 
 
 def normalization_subset(config: Config, train_set):

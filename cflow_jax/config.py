@@ -60,8 +60,8 @@ class Config:
   sub_epochs: int = 8
   warmup: float = 0.08  # the fraction of the run that warms up (O: 2 of 25 meta-epochs)
   # Train-time random rotation in degrees (O: 5). Its black corners put fibers at the border positions
-  # that no test image has, which cost 6-8 points of pixel AUROC in short runs (the budget study); 0 also
-  # allows feature caching.
+  # that no test image has: 7 points of pixel AUROC at one demo epoch (docs/results.md); 0 also allows
+  # feature caching.
   rotation: float = 0.0
   # Encode the training images once and keep their features in host memory for every epoch (needs
   # rotation 0; costs images * sum(h * w * C) * 4 bytes, e.g. 1.7 MB per image for vgg16_hed at 128 px).

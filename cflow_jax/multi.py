@@ -76,11 +76,6 @@ def fit_many(config: Config, train_sets: dict, *, encoder_variables=None, progre
 
   detectors = {}
   for name, p, q in zip(names, _unstack(params, k), _unstack(permutations, k)):
-    normalization = train.unset_normalization(len(model.channels))
-    if config.normalization == "train":  # as `api.fit` fixes it
-      subset = api.normalization_subset(config, train_sets[name])
-      normalization = train.fit_normalization(
-          model, encoder_variables, p, q,
-          (b["image"] for b in api.input_batches(config, subset, config.batch_size)))
+    normalization = api.fixed_normalization(model, encoder_variables, p, q, train_sets[name])
     detectors[name] = api.Detector(model, encoder_variables, p, q, normalization, dict(history))
   return detectors

@@ -8,8 +8,8 @@ loops are dispatched one after the other and run concurrently where their decode
 devices (`sharding.train_layout`).
 
 Each decoder has its own Adam state (PyTorch 2's behaviour for one optimiser over all decoders: a decoder
-that got no gradient this step does not move). The learning rates of an image batch's steps are an argument of its call,
-taken from the schedule on the host (`chunk_rates`): new rates do not recompile.
+that got no gradient this step does not move). The learning rates of an image batch's steps are an
+argument of its call, taken from the schedule on the host (`chunk_rates`): new rates do not recompile.
 """
 
 import functools
@@ -54,7 +54,9 @@ def learning_rate(config: Config) -> Callable[[np.ndarray], np.ndarray]:
 
   def schedule(progress):
     t = np.asarray(progress, np.float64)
-    ramp = lr / 10 + (cosine(warmup) - lr / 10) * t / max(warmup, 1e-12)
+    if not warmup:
+      return cosine(t).astype(np.float32)
+    ramp = lr / 10 + (cosine(warmup) - lr / 10) * t / warmup
     return np.where(t < warmup, ramp, cosine(t)).astype(np.float32)
 
   return schedule
@@ -223,9 +225,9 @@ def layer_key_data(key, layers: int) -> np.ndarray:
 def train_batch(model, layout: sharding.Layout, params, opt_states, permutations, features, key_data, lr,
                 valid_images: int | None = None):
   """One image batch for every decoder: (params, opt_states, losses), tuples over layers; `key_data` from
-  `layer_key_data`, `lr` host data as `per_layer` takes it; `valid_images`: how many of the batch's images are real (a short
-  batch padded to the compiled shape, `padded_chunks`; default all). Losses of skipped steps are zeros
-  after the real ones.
+  `layer_key_data`, `lr` host data as `per_layer` takes it; `valid_images`: how many of the batch's images
+  are real (a short batch padded to the compiled shape, `padded_chunks`; default all). Losses of skipped
+  steps are zeros after the real ones.
 
   Each layer's step is dispatched where the layout puts its decoder and returns at once (JAX's
   asynchronous dispatch), so decoders on different devices train concurrently; reading a result waits.
@@ -243,8 +245,8 @@ def train_batch(model, layout: sharding.Layout, params, opt_states, permutations
 def padded_chunks(model, valid_images: int, batch_size: int) -> tuple[int, ...] | None:
   """The steps each layer takes on a short batch of `valid_images` padded to `batch_size` images, or None
   where padding would not train as the batch alone would (then it compiles its own programs): each layer's
-  real fibers must fill at least one chunk and, where the last chunk would take a
-  remainder (`drop_remainder` False), leave none, and a full batch must not be one chunk longer than N
+  real fibers must fill at least one chunk and, where the last chunk would take a remainder
+  (`drop_remainder` False), leave none, and a full batch must not be one chunk longer than N
   (whose fibers a padded batch cannot tell apart)."""
   config, steps = model.config, []
   for h in model.feature_sizes():

@@ -189,7 +189,7 @@ def load_splits(category: str | None, config: Config) -> tuple[data.ImageSet, da
     train_set = train_set.subset(range(FLAGS.max_train))
   if FLAGS.max_test is not None and FLAGS.max_test < len(test_set):
     # The test split is sorted by defect type: its first K images could all be of one kind.
-    test_set = test_set.subset( np.linspace(0, len(test_set) - 1, FLAGS.max_test).round())
+    test_set = test_set.subset(np.linspace(0, len(test_set) - 1, FLAGS.max_test).round())
   train_set, test_set = api.resized(config, train_set), api.resized(config, test_set)
   _check_test_labels(test_set, data_dir)
   return train_set, test_set

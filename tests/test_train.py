@@ -121,6 +121,8 @@ def test_schedule_warms_up_reaches_the_peak_and_ends_at_the_floor_at_every_budge
 def test_constant_schedule_and_a_padded_batch_rates():
   assert np.all(_run_rates(Config(schedule="constant", lr=1e-4, meta_epochs=3, sub_epochs=1), 2, 7) ==
                 np.float32(1e-4))
+  no_warmup = train.learning_rate(Config(lr=2e-4, warmup=0.0))
+  assert no_warmup(np.array([0.0]))[0] == np.float32(2e-4)  # straight into the cosine, from its peak
   schedule = train.learning_rate(Config(meta_epochs=1, sub_epochs=1))
   rates = train.chunk_rates(schedule, 3, 4, steps=5, compiled_steps=8)  # a short last batch, padded
   assert rates.shape == (8,) and np.all(rates[5:] == 0) and np.all(rates[:5] > 0)

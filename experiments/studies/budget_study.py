@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,6 +40,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from cflow_jax import metrics, weights
+from cflow_jax.data import demo
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "experiments" / "studies" / "results" / "budget_study.jsonl"
@@ -63,10 +68,6 @@ def prepare_data(args, root: Path) -> Path:
     category = root / "subset" / compare.CATEGORY
     compare.sync_links(category, compare.subset_links(full, args.max_train, args.max_test))
     return category
-  from PIL import Image
-
-  from cflow_jax.data import demo
-
   category = root / "demo" / args.category
   if not (category / "done").exists():
     for split in ("train", "test"):
@@ -115,8 +116,6 @@ def ours(args, data: Path, run_dir: Path, variant: str, epochs: int, seed: int) 
 
 def reference(args, data: Path, run_dir: Path, budgets: list[int], seed: int) -> list[dict]:
   """anomalib trained for the largest budget, scored after each; one row per budget."""
-  from cflow_jax import metrics, weights
-
   shared = SHARED[args.dataset]
   run_dir.mkdir(parents=True, exist_ok=True)
   cmd = [args.torch_python, "experiments/reference/anomalib_cflow.py", f"--data_root={data}",
@@ -185,8 +184,6 @@ def study(args):
           continue
         run_dir = root / "runs" / f"ours_{args.tag}_{variant}_e{epochs}_s{seed}"
         if run_dir.exists():
-          import shutil
-
           shutil.rmtree(run_dir)
         row = ours(args, data, run_dir, variant, epochs, seed)
         _append(out, {**base, "side": "ours", "variant": variant, "epochs": epochs, "seed": seed, **row})
