@@ -2,114 +2,139 @@
 code "O" and anomalib "A", chosen by measurement: docs/results.md), and the references' recipes (`RECIPES`).
 
 Flags and callers override fields with `dataclasses.replace`; nothing else in the library has defaults
-of its own for these choices.
+of its own for these choices. Each field carries its command-line help and, for a choice, its allowed
+values (`field`): the scripts' flags are made from them (cflow_jax/cli/flags.py), so that a new field is
+one edit here. A value the Config refuses raises a `ConfigError`, whose message is the one line the
+command line prints.
 """
 
 import dataclasses
 import json
 import math
 
+from cflow_jax.errors import ConfigError
+
 BACKBONES = ("wide_resnet50_2", "resnet18", "resnet34", "vgg16_hed")
 RESAMPLE = ("lanczos", "bilinear")
 IMAGE_DTYPES = ("uint8", "float32")
+DTYPES = ("float32", "bfloat16")
+MATMUL_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def field(default, help: str, choices: tuple[str, ...] | None = None):
+  """A Config field with its flag's help (what it does, and each choice's source) and allowed values."""
+  return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
   # --- Encoder (frozen, never trained) ---
-  backbone: str = "wide_resnet50_2"
+  backbone: str = field("wide_resnet50_2", "Frozen encoder.", BACKBONES)
   # A named pretrained set ("torchvision", "timm", "hed") or a path to a weight file; None = the backbone's
   # default set (torchvision for ResNets, as O; hed for vgg16_hed).
-  weights: str | None = None
+  weights: str | None = field(None, "Encoder weights: a named set (torchvision, timm, hed) or a file (.pth, "
+                              ".safetensors, HED's .h5).")
   # "zeros" is what torchvision/timm checkpoints were trained with; "reflect" is O's ResNet copy.
-  padding: str = "zeros"
+  padding: str = field("zeros", "Encoder convolution padding: zeros (what torchvision and timm weights were "
+                       "trained with) or reflect (the original's ResNet copy).", ("zeros", "reflect"))
   # "bfloat16" runs the encoder convolutions in bf16 with f32 accumulation (the flows: `score_dtype`).
-  encoder_dtype: str = "float32"
-  image_size: int = 256
+  encoder_dtype: str = field("float32", "Encoder compute type (the flows: --train_dtype, --score_dtype).",
+                             DTYPES)
+  image_size: int = field(256, "Square input size in pixels, a multiple of 32.")
   # The filter that resizes images to image_size: "lanczos" is O's (PIL's ANTIALIAS); "bilinear" is
   # anomalib's (torchvision's antialiased Resize), smoother where small images are enlarged.
-  resample: str = "lanczos"
+  resample: str = field("lanczos", "Filter that resizes the images: lanczos (the original) or bilinear "
+                        "(anomalib, antialiased).", RESAMPLE)
   # "uint8" rounds resized images to whole levels, as O's PIL pipeline does (a quarter of the memory);
   # "float32" keeps them unrounded, as anomalib's torchvision pipeline does.
-  image_dtype: str = "uint8"
+  image_dtype: str = field("uint8", "Resized images rounded to uint8 (the original) or kept in float32 "
+                           "(anomalib's torchvision resize).", IMAGE_DTYPES)
 
   # --- Decoder: one conditional flow per tapped layer (docs/design.md section 4) ---
-  condition_dim: int = 128  # P, the positional code's length
-  coupling_blocks: int = 8
-  clamp: float = 1.9  # alpha in j = alpha * tanh(s)
-  permutation: str = "hard"  # "hard" (A) or "soft" (O: a random rotation; slower)
+  condition_dim: int = field(128, "Length P of the positional code that conditions the flows, a multiple "
+                             "of 4.")
+  coupling_blocks: int = field(8, "Coupling blocks per flow.")
+  clamp: float = field(1.9, "Soft clamp alpha of the coupling blocks' log-scales: j = alpha * tanh(s).")
+  permutation: str = field("hard", "Channel permutation in each coupling block: hard (anomalib) or soft (the "
+                           "original's random rotation; slower).", ("hard", "soft"))
 
   # --- Training (docs/design.md section 6) ---
   # N fibers per optimiser step (O: 256, A: 64). 64 gives four times O's steps per epoch, which is what
   # a run of a few epochs needs (docs/results.md, the budget study).
-  fiber_batch: int = 64
-  drop_remainder: bool = True  # O drops the last partial chunk; False lets it absorb into the last step (A)
-  batch_size: int = 32  # images per encoder pass
+  fiber_batch: int = field(64, "Fibers per optimiser step (N).")
+  drop_remainder: bool = field(True, "Drop each layer's last partial chunk of fibers (the original) rather "
+                               "than let the last step take it (anomalib).")
+  batch_size: int = field(32, "Images per encoder pass.")
   # True drops an epoch's last partial image batch (O); False trains on it too (A: every image, every
   # epoch), padded to the full batch's compiled shape.
-  drop_last_batch: bool = False
-  lr: float = 2e-4
+  drop_last_batch: bool = field(False, "Drop each epoch's last partial batch of images (the original) rather "
+                                "than train on it too (anomalib).")
+  lr: float = field(2e-4, "Adam learning rate.")
   # The flows' subnet matmuls in training, forward and backward: "bfloat16" rounds their inputs (and the
   # cotangents) and sums in float32; the weights, their gradients and Adam stay float32. "auto": bfloat16
   # where the hardware multiplies it natively (`precision`), as `score_dtype`.
-  train_dtype: str = "float32"
+  train_dtype: str = field("float32", "Input type of the flows' matmuls in training, forward and backward "
+                           "(float32 sums, weights and Adam either way); auto: bfloat16 on GPU, TPU and AMX "
+                           "CPUs.", MATMUL_DTYPES)
   # "cosine": a linear warm-up from lr / 10, then cosine decay to lr * 1e-3, over the run's progress (O's
   # curve, per meta-epoch there); "constant": lr throughout (A). See `train.learning_rate`.
-  schedule: str = "cosine"
-  meta_epochs: int = 25
-  sub_epochs: int = 8
-  warmup: float = 0.08  # the fraction of the run that warms up (O: 2 of 25 meta-epochs)
+  schedule: str = field("cosine", "Learning-rate schedule: cosine (a warm-up, then cosine decay to lr / 1000 "
+                        "over the whole run: the original's curve) or constant (anomalib).",
+                        ("cosine", "constant"))
+  meta_epochs: int = field(25, "Meta-epochs (the original's outer loop; the run trains meta_epochs x "
+                           "sub_epochs passes).")
+  sub_epochs: int = field(8, "Passes over the training images per meta-epoch.")
+  # O: 2 of 25 meta-epochs.
+  warmup: float = field(0.08, "Fraction of the run over which the cosine schedule warms up from lr / 10.")
   # Train-time random rotation in degrees (O: 5). Its black corners put fibers at the border positions
   # that no test image has: 7 points of pixel AUROC at one demo epoch (docs/results.md); 0 also allows
   # feature caching.
-  rotation: float = 0.0
-  # Encode the training images once and keep their features in host memory for every epoch (needs
-  # rotation 0; costs images * sum(h * w * C) * 4 bytes, e.g. 1.7 MB per image for vgg16_hed at 128 px).
-  cache_features: bool = False
-  seed: int = 42
+  rotation: float = field(0.0, "Train-time random rotation in degrees, 0 disables.")
+  # Costs images * sum(h * w * C) * 4 bytes of host memory, e.g. 1.7 MB per image for vgg16_hed at 128 px.
+  cache_features: bool = field(False, "Encode the training images once and keep their features in memory for "
+                               "every epoch (needs --rotation=0).")
+  seed: int = field(42, "Seed of initialisation, shuffling and augmentation.")
 
   # --- Scoring (docs/design.md section 7) ---
   # "train": per-layer maxima fixed from training data (default; an image's score never depends on others);
   # "test_set": maxima over all scored images (O); "batch": maxima over each batch (A).
-  normalization: str = "train"
+  normalization: str = field("train", "Where the maxima that normalise anomaly maps come from: train (fixed "
+                             "from the training images, so that a score never depends on other images), "
+                             "test_set (the original) or batch (anomalib).", ("train", "test_set", "batch"))
   # With "train": the training images that fix the maxima, at most this many, evenly spaced (0: all): one
   # default batch, a few percent of a one-epoch run. 32 of 48 demo images moved pixel AUROC by 0.02
   # points, 32 of 64 Magnetic Tile images by 0.00 (experiments/studies/normalization_subset.py).
-  normalization_images: int = 32
+  normalization_images: int = field(32, "With --normalization=train: at most this many training images, "
+                                    "evenly spaced, fix the maxima (0: all).")
   # Gaussian blur of each anomaly map, sigma in input pixels (0: none, as both references). 4 is what
   # anomalib's PaDiM and PatchCore use at 256 px; on Magnetic Tile it lifted image AUROC by 1.6-4.0
   # points over three seeds (README).
-  blur_sigma: float = 4.0
+  blur_sigma: float = field(4.0, "Gaussian blur of the anomaly maps, sigma in input pixels; 0 for none (both "
+                            "references).")
   # The flows' subnet matmuls when scoring (training: `train_dtype`): "bfloat16" rounds their inputs and
   # sums in float32, faster where the hardware multiplies bfloat16, AUROC within 0.01 points of float32
   # (docs/results.md); "auto" picks it only where the hardware has bfloat16 units (GPU, TPU, AMX), else
   # float32 (`precision`).
-  score_dtype: str = "auto"
+  score_dtype: str = field("auto", "Input type of the flows' matmuls when scoring (float32 sums either way); "
+                           "auto: bfloat16 on GPU, TPU and AMX CPUs.", MATMUL_DTYPES)
 
   def __post_init__(self):
-    _check_choice("backbone", self.backbone, BACKBONES)
-    _check_choice("padding", self.padding, ("zeros", "reflect"))
-    _check_choice("resample", self.resample, RESAMPLE)
-    _check_choice("image_dtype", self.image_dtype, IMAGE_DTYPES)
-    _check_choice("encoder_dtype", self.encoder_dtype, ("float32", "bfloat16"))
-    _check_choice("score_dtype", self.score_dtype, ("auto", "float32", "bfloat16"))
-    _check_choice("train_dtype", self.train_dtype, ("auto", "float32", "bfloat16"))
-    _check_choice("permutation", self.permutation, ("hard", "soft"))
-    _check_choice("schedule", self.schedule, ("cosine", "constant"))
-    _check_choice("normalization", self.normalization, ("train", "test_set", "batch"))
+    for each in dataclasses.fields(self):
+      if each.metadata["choices"] is not None:
+        _check_choice(each.name, getattr(self, each.name), each.metadata["choices"])
     _check_floats(self)
     for name in ("image_size", "condition_dim", "coupling_blocks", "fiber_batch", "batch_size",
                  "meta_epochs", "sub_epochs"):
       if getattr(self, name) < 1:
-        raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
     if self.normalization_images < 0:
-      raise ValueError(f"normalization_images must be 0 (all) or positive, got {self.normalization_images}")
+      raise ConfigError(f"normalization_images must be 0 (all) or positive, got {self.normalization_images}")
     if self.condition_dim % 4:
-      raise ValueError(f"condition_dim must be a multiple of 4, got {self.condition_dim}")
+      raise ConfigError(f"condition_dim must be a multiple of 4, got {self.condition_dim}")
     if self.image_size % 32:
-      raise ValueError(f"image_size must be a multiple of 32 (the deepest tap's stride), got {self.image_size}")
+      raise ConfigError(f"image_size must be a multiple of 32 (the deepest tap's stride), got {self.image_size}")
     if self.cache_features and self.rotation:
-      raise ValueError("cache_features needs rotation=0: rotated images give new features every epoch")
+      raise ConfigError("cache_features needs rotation=0: rotated images give new features every epoch")
 
   @property
   def epochs(self) -> int:
@@ -161,18 +186,18 @@ _FLOAT_RANGES = {
 def _check_floats(config: Config):
   """Every float field finite and in range: a NaN would otherwise pass every comparison unnoticed (a NaN
   blur is no blur; a NaN learning rate shows only as a NaN loss)."""
-  for field in dataclasses.fields(config):
-    if field.type not in (float, "float"):
+  for each in dataclasses.fields(config):
+    if each.type not in (float, "float"):
       continue
-    value = getattr(config, field.name)
-    low, high, low_allowed = _FLOAT_RANGES.get(field.name, (-math.inf, math.inf, True))
+    value = getattr(config, each.name)
+    low, high, low_allowed = _FLOAT_RANGES.get(each.name, (-math.inf, math.inf, True))
     if not math.isfinite(value):
-      raise ValueError(f"{field.name} must be a finite number, got {value}")
+      raise ConfigError(f"{each.name} must be a finite number, got {value}")
     if not (low <= value if low_allowed else low < value) or value > high:
       bounds = f"{'[' if low_allowed else '('}{low:g}, {high:g}{']' if math.isfinite(high) else ')'}"
-      raise ValueError(f"{field.name} must be in {bounds}, got {value}")
+      raise ConfigError(f"{each.name} must be in {bounds}, got {value}")
 
 
 def _check_choice(name, value, choices):
   if value not in choices:
-    raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")

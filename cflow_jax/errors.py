@@ -7,3 +7,8 @@ keeps its traceback.
 
 class UserError(Exception):
   """A problem with the user's input, whose message says what to do about it."""
+
+
+class ConfigError(UserError, ValueError):
+  """A Config field's value refused (`cflow_jax.config`): a UserError for the scripts, and a ValueError, as
+  any refused argument value is to Python code."""
