@@ -63,9 +63,9 @@ def test_the_recipes_hold_the_references_settings():
 
 def _config_from_flags(*argv) -> dict:
   """The Config the training scripts build from these flags, in a fresh process (absl's flags are global)."""
-  code = ("import sys; sys.path.insert(0, 'experiments'); import common; from absl import flags; "
-          "common.define_training_flags(); flags.FLAGS(['train.py', *sys.argv[1:]]); "
-          "print(common.config_from_flags().to_json())")
+  code = ("import sys; from absl import flags; from cflow_jax.cli import config_flags; "
+          "config_flags.define_training_flags(); flags.FLAGS(['train.py', *sys.argv[1:]]); "
+          "print(config_flags.config_from_flags().to_json())")
   result = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]

@@ -9,28 +9,24 @@ import errno
 import json
 import logging
 import os
-import pathlib
 import re
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import cflow_jax as cf
 from cflow_jax import api, checkpoint, report, train
+from cflow_jax.cli import common, config_flags
 from orbax.checkpoint._src.path import async_path
-
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "experiments"))
-import common  # noqa: E402
 
 # Processes, whole training runs and lowerings for three platforms: the slow subset (pyproject.toml).
 pytestmark = pytest.mark.slow
 
 # test_cli.py's tiny demo run (its compiled programs), for two epochs: a resume from the first epoch's
 # checkpoint is part of it.
-CONFIG = cf.Config(**{**common.DEMO_DEFAULTS, "image_size": 64, "meta_epochs": 2})
+CONFIG = cf.Config(**{**config_flags.DEMO_DEFAULTS, "image_size": 64, "meta_epochs": 2})
 
 
 class Killed(Exception):

