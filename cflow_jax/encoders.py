@@ -55,7 +55,7 @@ SPECS = {
 PADDINGS = ("zeros", "reflect")
 _HE_NORMAL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 # Where a 3x3 stride-1 convolution runs as Winograd's minimal filtering on the CPU (one image at a time, as
-# the CPU path encodes; experiments/bench_conv.py): F(4x4, 3x3) on maps from WINOGRAD_4X4_SIZE pixels a side
+# the CPU path encodes; experiments/bench/conv.py): F(4x4, 3x3) on maps from WINOGRAD_4X4_SIZE pixels a side
 # with WINOGRAD_4X4_CHANNELS input channels or more (vgg16_hed's block2_conv2, where the whole encoder gained
 # over F(2x2); docs/results.md), F(2x2, 3x3) elsewhere from WINOGRAD_CHANNELS input channels. On smaller
 # maps F(4x4)'s 36 transformed kernels outweigh its fewer tiles; on 64-channel maps the layers alone ran

@@ -4,7 +4,7 @@ Each m x m block of outputs comes from an (m + 2) x (m + 2) tile of inputs: the 
 moved into the transform domain, multiplied there elementwise ((m + 2)^2 matmuls over channels, batched
 over tiles) and moved back. Per output and channel pair that is 4 multiplications instead of 9 for m = 2
 and 2.25 for m = 4, at the price of transforms that only scale and add. On a CPU, where XLA's convolution
-is a direct one, this pays where the matmuls dominate (`encoders.Conv`, `experiments/bench_conv.py`); GPU
+is a direct one, this pays where the matmuls dominate (`encoders.Conv`, `experiments/bench/conv.py`); GPU
 libraries pick such algorithms themselves. Against the direct convolution in float32 the error is about
 1e-6 of the output's largest value for m = 2 and 2e-5 for m = 4, whose transforms scale by up to 8.
 """

@@ -88,11 +88,11 @@ def test_rerun_of_a_finished_run_reevaluates_without_training(runs):
 
 
 def test_normalization_study_rescores_as_the_pipeline_scores(runs, tmp_path):
-  """experiments/normalization_study.py recomputes maps from stored log-likelihoods: each rule must give
+  """experiments/studies/normalization_study.py recomputes maps from stored log-likelihoods: each rule must give
   the metrics that scoring the images under that normalisation gives."""
   workdir = tmp_path / "run"
   shutil.copytree(runs / "brick" / "vgg16_hed", workdir)
-  spec = importlib.util.spec_from_file_location("study", REPO / "experiments" / "normalization_study.py")
+  spec = importlib.util.spec_from_file_location("study", REPO / "experiments" / "studies" / "normalization_study.py")
   study = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(study)
   results = study.main([f"--workdir={workdir}", "--dataset=demo", "--category=brick", "--batch_size=8"])
@@ -248,7 +248,6 @@ def save_then_die(*args, **kwargs):
     os._exit({code})
 
 checkpoint.save = save_then_die
-sys.path.insert(0, {experiments!r})  # train.py imports its neighbour common.py
 sys.argv[0] = {script!r}
 runpy.run_path({script!r}, run_name="__main__")
 """
@@ -262,8 +261,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
   whole, killed = tmp_path / "whole", tmp_path / "killed"
   assert run("train.py", *args, f"--workdir={whole}").returncode == 0
   wrapper = tmp_path / "train_dies_after_epoch_1.py"
-  wrapper.write_text(DIES_AFTER_CHECKPOINT.format(epoch=1, code=DIED, experiments=str(REPO / "experiments"),
-                                                  script=str(REPO / "experiments" / "train.py")))
+  wrapper.write_text(DIES_AFTER_CHECKPOINT.format(epoch=1, code=DIED, script=str(REPO / "experiments" / "train.py")))
   died = subprocess.run([sys.executable, str(wrapper), *args, f"--workdir={killed}"], cwd=REPO,
                         capture_output=True, text=True, timeout=900)
   assert died.returncode == DIED, died.stderr[-2000:]
@@ -279,7 +277,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
 
 
 def test_side_by_side_reports_of_several_seeds_combine_and_other_settings_are_refused(tmp_path, capsys):
-  spec = importlib.util.spec_from_file_location("compare", REPO / "experiments" / "compare_anomalib.py")
+  spec = importlib.util.spec_from_file_location("compare", REPO / "experiments" / "studies" / "compare_anomalib.py")
   compare = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(compare)
   config = {"backbone": "vgg16_hed", "image_size": 256, "fiber_batch": 64, "epochs": 1, "lr": 1e-4,

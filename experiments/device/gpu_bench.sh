@@ -24,7 +24,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 status=0
 for dtype in float32 bfloat16; do
   score_dtype=$([ "$dtype" = float32 ] && echo float32 || echo auto)
-  "$PYTHON" experiments/bench_speed.py --backbone=wide_resnet50_2 --random_weights \
+  "$PYTHON" experiments/bench/speed.py --backbone=wide_resnet50_2 --random_weights \
     --image_size="${IMAGE_SIZE:-256}" --batch_size="${BATCH_SIZE:-32}" --fiber_batch=256 \
     --encoder_dtype="$dtype" --train_dtype="$dtype" --score_dtype="$score_dtype" \
     --repeats="${REPEATS:-3}" --matmul_size="${MATMUL_SIZE:-8192}" --out="$OUT/wrn50_$dtype.json" 2>&1 | tee "$OUT/wrn50_$dtype.log"

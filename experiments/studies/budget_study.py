@@ -53,7 +53,7 @@ SHARED = {"magnetic_tile": dict(image_size=256, batch_size=32), "demo": dict(ima
 
 
 def _compare_module():
-  spec = importlib.util.spec_from_file_location("compare_anomalib", REPO / "experiments" / "compare_anomalib.py")
+  spec = importlib.util.spec_from_file_location("compare_anomalib", REPO / "experiments" / "studies" / "compare_anomalib.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module

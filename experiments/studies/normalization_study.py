@@ -16,7 +16,7 @@ the rules are compared on exactly the same likelihoods:
   test_set_unblurred  test_set without the run's Gaussian blur (docs/design.md section 7.1's map
                   exactly), when the run blurs; every other rule blurs as the run does (--blur_sigma)
 
-  .venv/bin/python experiments/normalization_study.py --workdir=RUN --dataset=folder \
+  .venv/bin/python experiments/studies/normalization_study.py --workdir=RUN --dataset=folder \
       --data_dir=DATA --category=magnetic_tile [--quantiles 0.99 0.999]
 
 The per-layer log-likelihoods are cached in <workdir>/normalization_study.npz, the figures written to

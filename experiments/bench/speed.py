@@ -1,7 +1,7 @@
 """Throughput of training and scoring, with FLOP counts and the fraction of this machine's matmul rate.
 
-    python experiments/bench_speed.py --backbone=vgg16_hed --image_size=256 --batch_size=8
-    python experiments/bench_speed.py --backbone=wide_resnet50_2 --random_weights   # speed only
+    python experiments/bench/speed.py --backbone=vgg16_hed --image_size=256 --batch_size=8
+    python experiments/bench/speed.py --backbone=wide_resnet50_2 --random_weights   # speed only
 
 FLOPs: the encoder's from XLA's cost analysis of the compiled function, the decoders' counted from their
 matmul shapes (XLA counts a loop's body once, not once per iteration). The reference rate is a square

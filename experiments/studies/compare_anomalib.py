@@ -18,11 +18,11 @@ that subset (first N train images; N test images evenly spaced over (class, name
 same images whatever their own subset flags do; the flags are forwarded as well.
 
 Quick check (a few minutes on 2 cores):
-  .venv/bin/python experiments/compare_anomalib.py --max_train=16 --max_test=16 --image_size=64
+  .venv/bin/python experiments/studies/compare_anomalib.py --max_train=16 --max_test=16 --image_size=64
 Several seeds (one round each; the accuracy is then also given as mean +- standard deviation), or the
 rounds of reports made separately, one per seed, summarised together:
-  .venv/bin/python experiments/compare_anomalib.py --seeds=0,1,2
-  .venv/bin/python experiments/compare_anomalib.py --combine seed42/compare_anomalib.json seed0/compare_anomalib.json
+  .venv/bin/python experiments/studies/compare_anomalib.py --seeds=0,1,2
+  .venv/bin/python experiments/studies/compare_anomalib.py --combine seed42/compare_anomalib.json seed0/compare_anomalib.json
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from pathlib import Path
 
 from cflow_jax.config import Config
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile"
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_SOURCE = Path(__file__).resolve().parents[3] / "shared" / "data" / "magnetic_tile"
 REFERENCE_SCRIPT = REPO / "experiments" / "reference" / "anomalib_cflow.py"
 CATEGORY = "magnetic_tile"
 DEFECT_CLASSES = ("MT_Blowhole", "MT_Break", "MT_Crack", "MT_Fray", "MT_Uneven")
@@ -52,7 +52,7 @@ ACCURACY = ("image_auroc", "pixel_auroc", "image_f1")
 # The same trained models with the maxima of docs/design.md section 7.2 taken over the whole test set (the
 # original code's rule), over each batch (anomalib's) and over batches of a shuffled test order: the first
 # makes the two sides' numbers comparable without either depending on batch composition. Ours from
-# experiments/normalization_study.py, anomalib's from the log-likelihoods its map generator saw.
+# experiments/studies/normalization_study.py, anomalib's from the log-likelihoods its map generator saw.
 # Post-processing: ours blurs its maps (--blur_sigma, our default); "test_set_unblurred" is our map without
 # it, "test_set_blurred" anomalib's with it, so each side is also seen with the other's.
 RULES = ("test_set", "batch", "batch_shuffled", "test_set_unblurred", "test_set_blurred")
@@ -193,7 +193,7 @@ def run_ours(args, data_dir: Path, run_dir: Path) -> dict:
 
 def rescore_ours(args, data_dir: Path, run_dir: Path) -> dict:
   """Our trained model's accuracy under each rule of RULES (untimed, after the run)."""
-  cmd = [sys.executable, "experiments/normalization_study.py", f"--workdir={run_dir}", "--dataset=folder",
+  cmd = [sys.executable, "experiments/studies/normalization_study.py", f"--workdir={run_dir}", "--dataset=folder",
          f"--data_dir={data_dir}", f"--category={CATEGORY}", f"--batch_size={args.batch_size}"]
   child = run_child(cmd, run_dir / "normalization_study.log", args.threads)
   study = run_dir / "normalization_study.json"

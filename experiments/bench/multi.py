@@ -1,6 +1,6 @@
 """Several categories at once (vmapped decoders, shared encoder) against one after another.
 
-    python experiments/bench_multi.py --backbone=vgg16_hed --image_size=128 --epochs=2
+    python experiments/bench/multi.py --backbone=vgg16_hed --image_size=128 --epochs=2
 
 Both sides train the same categories for the same epochs; each side runs once untimed first so that
 compilation is not counted. Prints training fibers/s of each and the ratio.

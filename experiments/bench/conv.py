@@ -2,7 +2,7 @@
 F(4x4, 3x3) (`cflow_jax/winograd.py`), in float32 and in bfloat16 (float32 accumulation); then whole
 encoders under each choice of algorithm (`encoders.WINOGRAD_*`), and with encoder_dtype bfloat16.
 
-    python experiments/bench_conv.py [--part=encoders --backbones=vgg16_hed]
+    python experiments/bench/conv.py [--part=encoders --backbones=vgg16_hed]
 
 Layers shaped like VGG16's at 256 px, one image (the CPU path encodes image by image). Variants alternate
 within each repetition and the median is kept, so a busy or noisy machine affects all alike. Prints

@@ -1,6 +1,6 @@
 """Where the encoder runs beside side-by-side decoders: on one device, or split over every device.
 
-    python experiments/bench_encoder_placement.py --rounds=2
+    python experiments/bench/encoder_placement.py --rounds=2
 
 Random images and HED's architecture with random weights (the speed does not depend on them), batches
 streamed as `train.fit` streams them (encode, then every decoder's steps, without waiting), the two

@@ -2,8 +2,8 @@
 
 Compare with the encoder's images/s: if the pipeline is slower, the device waits for data.
 
-  python experiments/bench_pipeline.py --dataset demo --category brick --image_size 256
-  python experiments/bench_pipeline.py --dataset magnetic_tile --data_dir ../shared/data/magnetic_tile
+  python experiments/bench/pipeline.py --dataset demo --category brick --image_size 256
+  python experiments/bench/pipeline.py --dataset magnetic_tile --data_dir ../shared/data/magnetic_tile
 """
 
 import argparse

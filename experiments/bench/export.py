@@ -1,8 +1,8 @@
 """Scoring from an exported file (`cflow_jax.load_exported`) against in process (`cf.score`), and the file's
 size, on one device (as predict.py scores).
 
-    python experiments/bench_export.py --workdir=runs/demo/brick/vgg16_hed         # a trained run
-    python experiments/bench_export.py --backbone=wide_resnet50_2 --random_weights  # size and speed only
+    python experiments/bench/export.py --workdir=runs/demo/brick/vgg16_hed         # a trained run
+    python experiments/bench/export.py --backbone=wide_resnet50_2 --random_weights  # size and speed only
 
 Timings are the best of --repeats after a first call (which compiles); both sides score the same random
 uint8 images in batches of the run's size.

@@ -1,6 +1,6 @@
 """What the persistent compilation cache saves: the demo's training run and a prediction, cold and warm.
 
-    python experiments/bench_compile_cache.py --repeats=2
+    python experiments/bench/compile_cache.py --repeats=2
 
 Each repeat starts from an empty cache directory: train.py --dataset=demo (cold: every program compiled,
 then stored), the same run again into another workdir (warm: the programs loaded), then predict.py on a
@@ -21,7 +21,7 @@ import time
 import numpy as np
 from PIL import Image
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def timed(script: str, *args) -> float:

@@ -1,6 +1,6 @@
 """Where a training step's time goes: one decoder's chunk loop, profiled op by op on one CPU core.
 
-    python experiments/bench_step_profile.py --layer=1 --images=8
+    python experiments/bench/step_profile.py --layer=1 --images=8
 
 Runs `train.make_train_layer` for one tapped layer of vgg16_hed on random features (N = --fiber_batch),
 on one JAX device pinned to one core (--cores), traces one whole call with `jax.profiler` and sums the
