@@ -8,7 +8,6 @@ few images twice, cold and warm (a cache of its own). Runs alternate, so a machi
 both sides alike; the tables show wall-clock seconds of each whole process and the run's training time.
 """
 
-import argparse
 import json
 import os
 import pathlib
@@ -19,8 +18,12 @@ import tempfile
 import time
 
 import numpy as np
+from absl import app, flags
 from PIL import Image
 
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("repeats", 2, "Cold and warm pairs of runs.")
+flags.DEFINE_integer("images", 4, "Images predict.py scores.")
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -34,11 +37,8 @@ def timed(script: str, *args) -> float:
   return time.perf_counter() - began
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--repeats", type=int, default=2)
-  parser.add_argument("--images", type=int, default=4, help="images predict.py scores")
-  args = parser.parse_args()
+def main(_):
+  args = FLAGS
   rows = {key: [] for key in ("train_cold", "train_warm", "train_seconds_cold", "train_seconds_warm",
                               "predict_cold", "predict_warm")}
   with tempfile.TemporaryDirectory() as tmp:
@@ -69,4 +69,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

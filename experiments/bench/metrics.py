@@ -1,17 +1,23 @@
 """Times the pixel metrics on 100 random 256x256 maps with blob masks, against scikit-learn's roc_auc_score.
 
-Run from the repository root: python -m experiments.bench_metrics [--images 100] [--size 256] [--repeats 3]
+    python experiments/bench/metrics.py [--images=100 --size=256 --repeats=3]
+
 Prints the best of `repeats` wall times per metric, so other load on the machine inflates them less.
 """
 
-import argparse
 import time
 
 import numpy as np
+from absl import app, flags
 from scipy import ndimage
 from sklearn import metrics as skm
 
 from cflow_jax import metrics
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("images", 100, "Random maps.")
+flags.DEFINE_integer("size", 256, "Their side in pixels.")
+flags.DEFINE_integer("repeats", 3, "Timed runs per metric, the best kept.")
 
 
 def synthetic(images, size, seed=0):
@@ -38,12 +44,8 @@ def best_time(fn, repeats):
   return min(times), value
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--images", type=int, default=100)
-  parser.add_argument("--size", type=int, default=256)
-  parser.add_argument("--repeats", type=int, default=3)
-  args = parser.parse_args()
+def main(_):
+  args = FLAGS
   maps, masks = synthetic(args.images, args.size)
   scores, labels = maps.max(axis=(1, 2)), masks.any(axis=(1, 2))
   print(f"{maps.size:,} pixels ({args.images} x {args.size}x{args.size}), "
@@ -61,4 +63,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -6,28 +6,29 @@ Compare with the encoder's images/s: if the pipeline is slower, the device waits
   python experiments/bench/pipeline.py --dataset magnetic_tile --data_dir ../shared/data/magnetic_tile
 """
 
-import argparse
 import time
+
+from absl import app, flags
 
 from cflow_jax import data
 
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("dataset", "demo", data.DATASETS, "Dataset.")
+flags.DEFINE_string("category", None, "Category. Default: the dataset's first.")
+flags.DEFINE_string("data_dir", None, "Raw data (see cflow_jax/data/datasets.py).")
+flags.DEFINE_string("tfds_dir", None, "Prepared datasets. Default: $TFDS_DATA_DIR or ~/tensorflow_datasets.")
+flags.DEFINE_enum("split", "train", ("train", "test"), "Split.")
+flags.DEFINE_integer("image_size", 256, "Square size in pixels.")
+flags.DEFINE_integer("batch_size", 32, "Images per batch.")
+flags.DEFINE_float("rotation", 5.0, "Degrees; 0 disables.")
+flags.DEFINE_integer("workers", None, "Decode/resize threads. Default: CPUs, at most 8.")
+flags.DEFINE_integer("prefetch", 2, "Batches prepared ahead.")
+flags.DEFINE_integer("epochs", 3, "Passes timed.")
+flags.DEFINE_bool("resized", False, "Decode and resize once, in memory (timed apart).")
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--dataset", default="demo", choices=data.DATASETS)
-  parser.add_argument("--category", default=None)
-  parser.add_argument("--data_dir", default=None, help="raw data (see cflow_jax/data/datasets.py)")
-  parser.add_argument("--tfds_dir", default=None, help="prepared datasets (default $TFDS_DATA_DIR or "
-                                                       "~/tensorflow_datasets)")
-  parser.add_argument("--split", default="train", choices=("train", "test"))
-  parser.add_argument("--image_size", type=int, default=256)
-  parser.add_argument("--batch_size", type=int, default=32)
-  parser.add_argument("--rotation", type=float, default=5.0, help="degrees; 0 disables")
-  parser.add_argument("--workers", type=int, default=None, help="decode/resize threads (default: CPUs, <= 8)")
-  parser.add_argument("--prefetch", type=int, default=2)
-  parser.add_argument("--epochs", type=int, default=3)
-  parser.add_argument("--resized", action="store_true", help="decode and resize once, in memory (timed apart)")
-  args = parser.parse_args()
+
+def main(_):
+  args = FLAGS
   category = args.category or (data.CATEGORIES[args.dataset] or (None,))[0]
 
   start = time.perf_counter()
@@ -48,4 +49,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)
