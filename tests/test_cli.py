@@ -92,10 +92,10 @@ def test_normalization_study_rescores_as_the_pipeline_scores(runs, tmp_path):
   the metrics that scoring the images under that normalisation gives."""
   workdir = tmp_path / "run"
   shutil.copytree(runs / "brick" / "vgg16_hed", workdir)
-  spec = importlib.util.spec_from_file_location("study", REPO / "experiments" / "studies" / "normalization_study.py")
-  study = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(study)
-  results = study.main([f"--workdir={workdir}", "--dataset=demo", "--category=brick", "--batch_size=8"])
+  result = run("studies/normalization_study.py", f"--workdir={workdir}", "--dataset=demo", "--category=brick",
+               "--batch_size=8")
+  assert result.returncode == 0, result.stderr[-4000:]
+  results = json.loads((workdir / "normalization_study.json").read_text())
   detector = cf.load(workdir)
   test_set = cf.data.load("demo", "test", "brick").resized(64)
   assert detector.config.blur_sigma > 0  # the default: every rule blurs, and one more rule does not
@@ -276,10 +276,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
       json.loads((killed / "metrics.json").read_text())["image_auroc"]
 
 
-def test_side_by_side_reports_of_several_seeds_combine_and_other_settings_are_refused(tmp_path, capsys):
-  spec = importlib.util.spec_from_file_location("compare", REPO / "experiments" / "studies" / "compare_anomalib.py")
-  compare = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(compare)
+def test_side_by_side_reports_of_several_seeds_combine_and_other_settings_are_refused(tmp_path):
   config = {"backbone": "vgg16_hed", "image_size": 256, "fiber_batch": 64, "epochs": 1, "lr": 1e-4,
             "batch_size": 32, "max_train": None, "max_test": None}
   values = {"ours": [0.70, 0.74, 0.75], "anomalib": [0.72, 0.69, 0.71]}
@@ -290,13 +287,14 @@ def test_side_by_side_reports_of_several_seeds_combine_and_other_settings_are_re
     report = {"config": {**config, "seed": i}, "data": {"counts": {"train/good": 10}}, "rounds": [round_]}
     paths.append(tmp_path / f"seed{i}.json")
     paths[-1].write_text(json.dumps(report))
-  assert compare.main(["--combine", *map(str, paths)]) == 0
-  out = capsys.readouterr().out
+  combined = run("studies/compare_anomalib.py", "--combine", *paths)
+  assert combined.returncode == 0, combined.stderr[-4000:]
+  out = combined.stdout
   for side in ("ours", "anomalib"):
     mean, std = np.mean(values[side]), np.std(values[side], ddof=1)
     assert f"{mean:.4f} +- {std:.4f} (n=3)" in out
   other = json.loads(paths[0].read_text())
   other["config"]["image_size"] = 128
   paths[0].write_text(json.dumps(other))
-  assert compare.main(["--combine", *map(str, paths)]) == 2
-  assert "different settings" in capsys.readouterr().err
+  refused = run("studies/compare_anomalib.py", "--combine", *paths)
+  assert refused.returncode == 2 and "different settings" in refused.stderr

@@ -26,7 +26,6 @@ mean over seeds per budget and variant from that file.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -40,6 +39,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from absl import app, flags
 from PIL import Image
 
 from cflow_jax import metrics, weights
@@ -51,9 +51,32 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1")
 # Settings both sides share; each dataset's image size is its usual one (the demo's crops are 128 px).
 SHARED = {"magnetic_tile": dict(image_size=256, batch_size=32), "demo": dict(image_size=128, batch_size=12)}
 
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("dataset", "magnetic_tile", sorted(SHARED), "Data (see above).")
+flags.DEFINE_string("category", "brick", "Demo texture.")
+flags.DEFINE_string("source", str(REPO.parent / "shared" / "data" / "magnetic_tile"), "Magnetic Tile as "
+                    "published.")
+flags.DEFINE_integer("max_train", 128, "Training images.")
+flags.DEFINE_integer("max_test", None, "Test images. Default: all.")
+flags.DEFINE_string("epochs", "1,2,4", "Comma-separated budgets.")
+flags.DEFINE_string("seeds", "42,7", "Comma-separated seeds.")
+flags.DEFINE_string("variants", "default", "Comma-separated runs of ours: 'default', or train.py flags joined "
+                    "by '+' (e.g. fiber_batch=256+rotation=0).")
+flags.DEFINE_string("tag", "defaults", "Names the state of our defaults these runs use (part of what "
+                    "identifies a run in --out).")
+flags.DEFINE_bool("reference", False, "Also run anomalib.")
+flags.DEFINE_integer("threads", len(os.sched_getaffinity(0)), "CPUs per run.")
+flags.DEFINE_integer("reference_threads", None, "CPUs and threads of anomalib's run (default --threads): 1 "
+                     "keeps its many small OpenMP regions from stalling when other work shares the CPUs.")
+flags.DEFINE_string("torch_python", "/work/torchenv/bin/python", "The torch venv's interpreter.")
+flags.DEFINE_string("workdir", "/tmp/budget_study", "Data, run folders, logs.")
+flags.DEFINE_string("out", str(OUT), "The JSON rows, one per run.")
+flags.DEFINE_bool("table", False, "Print the tables of --out (--dataset, --tag if given on the command line) "
+                  "and exit.")
+
 
 def _compare_module():
-  spec = importlib.util.spec_from_file_location("compare_anomalib", REPO / "experiments" / "studies" / "compare_anomalib.py")
+  spec = importlib.util.spec_from_file_location("compare_anomalib", Path(__file__).with_name("compare_anomalib.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -216,38 +239,13 @@ def table(out: Path, dataset: str | None = None, tag: str | None = None) -> str:
   return header + "\n" + "\n".join(lines)
 
 
-def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--dataset", default="magnetic_tile", choices=sorted(SHARED))
-  parser.add_argument("--category", default="brick", help="demo texture")
-  parser.add_argument("--source", default=str(REPO.parent / "shared" / "data" / "magnetic_tile"))
-  parser.add_argument("--max_train", type=int, default=128)
-  parser.add_argument("--max_test", type=int, default=None)
-  parser.add_argument("--epochs", default="1,2,4", help="comma-separated budgets")
-  parser.add_argument("--seeds", default="42,7")
-  parser.add_argument("--variants", default="default",
-                      help="comma-separated runs of ours: 'default', or train.py flags joined by '+' "
-                           "(e.g. fiber_batch=256+rotation=0)")
-  parser.add_argument("--tag", default="defaults", help="names the state of our defaults these runs use "
-                      "(part of what identifies a run in --out)")
-  parser.add_argument("--reference", action="store_true", help="also run anomalib")
-  parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-  parser.add_argument("--reference_threads", type=int, default=None,
-                      help="CPUs and threads of anomalib's run (default --threads): 1 keeps its many small "
-                           "OpenMP regions from stalling when other work shares the CPUs")
-  parser.add_argument("--torch_python", default="/work/torchenv/bin/python")
-  parser.add_argument("--workdir", default="/tmp/budget_study")
-  parser.add_argument("--out", default=str(OUT))
-  parser.add_argument("--table", action="store_true", help="print the tables of --out (--dataset, --tag if "
-                      "given on the command line) and exit")
-  return parser.parse_args(argv)
+def main(_):
+  if FLAGS.table:
+    print(table(Path(FLAGS.out), FLAGS.dataset if FLAGS["dataset"].present else None,
+                FLAGS.tag if FLAGS["tag"].present else None))
+  else:
+    study(FLAGS)
 
 
 if __name__ == "__main__":
-  arguments = parse_args()
-  if arguments.table:
-    given = " ".join(sys.argv)
-    print(table(Path(arguments.out), arguments.dataset if "--dataset" in given else None,
-                arguments.tag if "--tag" in given else None))
-  else:
-    study(arguments)
+  app.run(main)

@@ -22,12 +22,12 @@ Quick check (a few minutes on 2 cores):
 Several seeds (one round each; the accuracy is then also given as mean +- standard deviation), or the
 rounds of reports made separately, one per seed, summarised together:
   .venv/bin/python experiments/studies/compare_anomalib.py --seeds=0,1,2
-  .venv/bin/python experiments/studies/compare_anomalib.py --combine seed42/compare_anomalib.json seed0/compare_anomalib.json
+  .venv/bin/python experiments/studies/compare_anomalib.py --combine \
+      seed42/compare_anomalib.json seed0/compare_anomalib.json
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -37,9 +37,14 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
+from absl import app, flags
+
 from cflow_jax.config import Config
+
+FLAGS = flags.FLAGS
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SOURCE = Path(__file__).resolve().parents[3] / "shared" / "data" / "magnetic_tile"
@@ -225,12 +230,12 @@ def run_reference(args, category_dir: Path, run_dir: Path) -> dict:
 
 
 def _subset_flags(args) -> list[str]:
-  flags = []
+  subset = []
   if args.max_train is not None:
-    flags.append(f"--max_train={args.max_train}")
+    subset.append(f"--max_train={args.max_train}")
   if args.max_test is not None:
-    flags.append(f"--max_test={args.max_test}")
-  return flags
+    subset.append(f"--max_test={args.max_test}")
+  return subset
 
 
 def summarise(rounds: list[dict]) -> dict:
@@ -310,10 +315,11 @@ def combine(paths: list[str]) -> int:
   return 0
 
 
-def main(argv=None) -> int:
-  args = parse_args(argv)
-  if args.combine:
-    return combine(args.combine)
+def main(argv) -> int:
+  if FLAGS.combine:
+    return combine(argv[1:])
+  # This script's flags (absl's own left out), as the settings the functions above read and the report keeps.
+  args = types.SimpleNamespace(**{flag.name: flag.value for flag in FLAGS.get_flags_for_module(sys.argv[0])})
   workdir = Path(args.workdir).resolve()
   full_dir = workdir / "data" / "full" / CATEGORY
   split_counts = sync_links(full_dir, split_links(Path(args.source)))
@@ -330,7 +336,7 @@ def main(argv=None) -> int:
   seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed] * args.rounds
   rounds = []
   for r, seed in enumerate(seeds):
-    results, round_args = {}, argparse.Namespace(**{**vars(args), "seed": seed})
+    results, round_args = {}, types.SimpleNamespace(**{**vars(args), "seed": seed})
     for side in sides if r % 2 == 0 else sides[::-1]:
       run_dir = workdir / "runs" / f"{side}_round{r}"
       if side == "ours":
@@ -361,40 +367,39 @@ def main(argv=None) -> int:
   return int(any("error" in side for r in rounds for side in r.values()))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--source", default=str(DEFAULT_SOURCE), help="Magnetic Tile as published (MT_<class>/Imgs)")
-  parser.add_argument("--workdir", default="/tmp/cflow_jax_compare", help="data symlinks, run folders, logs")
-  parser.add_argument("--out", default=None, help="JSON report (default: <workdir>/compare_anomalib.json)")
-  parser.add_argument("--rounds", type=int, default=1)
-  parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPUs per run (all)")
-  parser.add_argument("--backbone", default="vgg16_hed")
-  parser.add_argument("--image_size", type=int, default=256)
-  parser.add_argument("--fiber_batch", type=int, default=64)
-  parser.add_argument("--epochs", type=int, default=1)
-  parser.add_argument("--lr", type=float, default=1e-4)
-  parser.add_argument("--ours_lr", type=float, default=None,
-                      help="our learning rate, if not --lr (e.g. 2e-4, the original's, against anomalib's 1e-4)")
-  parser.add_argument("--batch_size", type=int, default=32, help="images per batch, both sides")
-  parser.add_argument("--blur_sigma", type=float, default=Config().blur_sigma,
-                      help="Gaussian blur of our maps (our default); anomalib's are also rescored with it")
-  parser.add_argument("--seed", type=int, default=42)
-  parser.add_argument("--resample", default="bilinear", choices=("bilinear", "lanczos"),
-                      help="our resizing filter; bilinear is what the reference's torchvision Resize does")
-  parser.add_argument("--image_dtype", default="float32", choices=("float32", "uint8"),
-                      help="our resized images: float32 (unrounded) is what the reference's Resize gives")
-  parser.add_argument("--seeds", default=None, help="comma-separated seeds, one round each (overrides --rounds, --seed)")
-  parser.add_argument("--combine", nargs="+", default=None, metavar="REPORT",
-                      help="print the summary of the rounds of these reports together (runs nothing)")
-  parser.add_argument("--max_train", type=int, default=None)
-  parser.add_argument("--max_test", type=int, default=None)
-  parser.add_argument("--torch_python", default="/work/torchenv/bin/python")
-  parser.add_argument("--hed_weights", default=None, help="HED .h5 for the reference (default: its own cache)")
-  parser.add_argument("--ours_extra", default="", help="extra flags for experiments/train.py, one string")
-  parser.add_argument("--skip_ours", action="store_true", help="run the reference side only")
-  parser.add_argument("--skip_reference", action="store_true", help="run our side only")
-  return parser.parse_args(argv)
+def define_flags():
+  flags.DEFINE_string("source", str(DEFAULT_SOURCE), "Magnetic Tile as published (MT_<class>/Imgs).")
+  flags.DEFINE_string("workdir", "/tmp/cflow_jax_compare", "Data symlinks, run folders, logs.")
+  flags.DEFINE_string("out", None, "JSON report. Default: <workdir>/compare_anomalib.json.")
+  flags.DEFINE_integer("rounds", 1, "Rounds, the sides alternating which goes first.")
+  flags.DEFINE_integer("threads", len(os.sched_getaffinity(0)), "CPUs per run. Default: all.")
+  flags.DEFINE_string("backbone", "vgg16_hed", "Encoder, both sides.")
+  flags.DEFINE_integer("image_size", 256, "Input size, both sides.")
+  flags.DEFINE_integer("fiber_batch", 64, "Fibers per step, both sides.")
+  flags.DEFINE_integer("epochs", 1, "Epochs, both sides.")
+  flags.DEFINE_float("lr", 1e-4, "Learning rate, both sides unless --ours_lr.")
+  flags.DEFINE_float("ours_lr", None, "Our learning rate, if not --lr (e.g. 2e-4, the original's, against "
+                     "anomalib's 1e-4).")
+  flags.DEFINE_integer("batch_size", 32, "Images per batch, both sides.")
+  flags.DEFINE_float("blur_sigma", Config().blur_sigma, "Gaussian blur of our maps (our default); anomalib's "
+                     "are also rescored with it.")
+  flags.DEFINE_integer("seed", 42, "Seed, both sides.")
+  flags.DEFINE_enum("resample", "bilinear", ("bilinear", "lanczos"), "Our resizing filter; bilinear is what "
+                    "the reference's torchvision Resize does.")
+  flags.DEFINE_enum("image_dtype", "float32", ("float32", "uint8"), "Our resized images: float32 (unrounded) "
+                    "is what the reference's Resize gives.")
+  flags.DEFINE_string("seeds", None, "Comma-separated seeds, one round each (overrides --rounds, --seed).")
+  flags.DEFINE_bool("combine", False, "Print the summary of the rounds of the reports named as arguments "
+                    "together (runs nothing).")
+  flags.DEFINE_integer("max_train", None, "The first N training images only (a subset both sides see).")
+  flags.DEFINE_integer("max_test", None, "N test images only, evenly spaced over (class, name).")
+  flags.DEFINE_string("torch_python", "/work/torchenv/bin/python", "The torch venv's interpreter.")
+  flags.DEFINE_string("hed_weights", None, "HED .h5 for the reference. Default: its own cache.")
+  flags.DEFINE_string("ours_extra", "", "Extra flags for experiments/train.py, one string.")
+  flags.DEFINE_bool("skip_ours", False, "Run the reference side only.")
+  flags.DEFINE_bool("skip_reference", False, "Run our side only.")
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()  # here, not on import: budget_study.py imports this file's functions
+  app.run(main)

@@ -17,7 +17,7 @@ the rules are compared on exactly the same likelihoods:
                   exactly), when the run blurs; every other rule blurs as the run does (--blur_sigma)
 
   .venv/bin/python experiments/studies/normalization_study.py --workdir=RUN --dataset=folder \
-      --data_dir=DATA --category=magnetic_tile [--quantiles 0.99 0.999]
+      --data_dir=DATA --category=magnetic_tile [--quantiles=0.99,0.999]
 
 The per-layer log-likelihoods are cached in <workdir>/normalization_study.npz, the figures written to
 <workdir>/normalization_study.json.
@@ -25,17 +25,19 @@ The per-layer log-likelihoods are cached in <workdir>/normalization_study.npz, t
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from tqdm import tqdm
 
 import cflow_jax as cf
 from cflow_jax import metrics, model as model_lib, sharding
 from cflow_jax.anomaly_map import Normalization, anomaly_maps
+
+FLAGS = flags.FLAGS
 
 
 def layer_log_probs(detector, images, batch_size, desc):
@@ -97,59 +99,57 @@ def _maps(layers, image_size, normalization, blur_sigma, chunk=64):
   return maps.max(axis=(1, 2)), maps
 
 
-def main(argv=None):
-  args = parse_args(argv)
-  cache = Path(args.workdir) / "normalization_study.npz"
-  detector = cf.load(args.workdir)
+def define_flags():
+  flags.DEFINE_string("workdir", None, "A finished run.", required=True)
+  flags.DEFINE_string("dataset", "folder", "Its dataset.")
+  flags.DEFINE_string("data_dir", None, "Raw data, as for cflow-train.")
+  flags.DEFINE_string("category", None, "Its category.")
+  flags.DEFINE_integer("batch_size", 32, "Test images per batch (also the batches of the batch rules).")
+  flags.DEFINE_list("quantiles", [], "Also fixed constants at these quantiles of the training log p, e.g. "
+                    "0.99,0.999.")
+
+
+def main(_):
+  quantiles = [float(q) for q in FLAGS.quantiles]
+  cache = Path(FLAGS.workdir) / "normalization_study.npz"
+  detector = cf.load(FLAGS.workdir)
   size = detector.config.image_size
-  test_set = cf.api.resized(detector.config, cf.data.load(args.dataset, "test", args.category, args.data_dir))
+  load = lambda split: cf.api.resized(detector.config,
+                                      cf.data.load(FLAGS.dataset, split, FLAGS.category, FLAGS.data_dir))
+  test_set = load("test")
   layers = range(len(detector.params))
   stored = dict(np.load(cache)) if cache.exists() else {}
   if "test0" not in stored:
     stored.update({f"test{i}": l for i, l in enumerate(
-        layer_log_probs(detector, test_set, args.batch_size, "test log p"))})
-  if args.quantiles and "train0" not in stored:
-    train_set = cf.api.resized(detector.config,
-                               cf.data.load(args.dataset, "train", args.category, args.data_dir))
+        layer_log_probs(detector, test_set, FLAGS.batch_size, "test log p"))})
+  if quantiles and "train0" not in stored:
     stored.update({f"train{i}": l for i, l in enumerate(
-        layer_log_probs(detector, train_set, args.batch_size, "train log p"))})
+        layer_log_probs(detector, load("train"), FLAGS.batch_size, "train log p"))})
   np.savez(cache, **stored)
   test = [stored[f"test{i}"] for i in layers]
-  train = [stored[f"train{i}"] for i in layers] if args.quantiles else None
-  labels, masks = labels_and_masks(test_set, args.batch_size, size)
+  train = [stored[f"train{i}"] for i in layers] if quantiles else None
+  labels, masks = labels_and_masks(test_set, FLAGS.batch_size, size)
 
   print("per-layer constants (log p / C):")
   for i in layers:
-    qs = " ".join(f"q{q}={np.quantile(train[i], q):.3f}" for q in args.quantiles) if train else ""
+    qs = " ".join(f"q{q}={np.quantile(train[i], q):.3f}" for q in quantiles) if train else ""
     print(f"  layer {i} {test[i].shape[1:]}: train max {float(detector.normalization.layer_max[i]):.3f} "
           f"{qs} | test max {test[i].max():.3f}")
-  rules = ["train", *(f"train_q{q}" for q in args.quantiles), "test_set", "batch", "batch_shuffled"]
+  rules = ["train", *(f"train_q{q}" for q in quantiles), "test_set", "batch", "batch_shuffled"]
   if detector.config.blur_sigma:
     rules.append("test_set_unblurred")
   results = {}
   for rule in rules:
     blur = 0.0 if rule == "test_set_unblurred" else None
-    scores, maps = score_rule(rule.removesuffix("_unblurred"), detector, train, test, size, args.batch_size,
+    scores, maps = score_rule(rule.removesuffix("_unblurred"), detector, train, test, size, FLAGS.batch_size,
                               blur_sigma=blur)
     results[rule] = {"image_auroc": metrics.auroc(scores, labels),
                      "pixel_auroc": metrics.auroc(maps, masks)}
     print(f"{rule:>18}: image AUROC {results[rule]['image_auroc']:.4f}  "
           f"pixel AUROC {results[rule]['pixel_auroc']:.4f}")
-  (Path(args.workdir) / "normalization_study.json").write_text(json.dumps(results, indent=1))
-  return results
-
-
-def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--dataset", default="folder")
-  parser.add_argument("--data_dir", default=None)
-  parser.add_argument("--category", default=None)
-  parser.add_argument("--batch_size", type=int, default=32)
-  parser.add_argument("--quantiles", type=float, nargs="*", default=[],
-                      help="also fixed constants at these quantiles of the training log p, e.g. 0.99 0.999")
-  return parser.parse_args(argv)
+  (Path(FLAGS.workdir) / "normalization_study.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()  # here, not on import: normalization_subset.py imports this file's functions
+  app.run(main)

@@ -11,41 +11,37 @@ matter for AUROC and AUPRO; they are printed beside the metrics.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/, for normalization_study
+import cflow_jax as cf
+from cflow_jax import metrics
+from cflow_jax.anomaly_map import Normalization, anomaly_maps
+from normalization_study import labels_and_masks, layer_log_probs  # its neighbour here
 
-import cflow_jax as cf  # noqa: E402
-from cflow_jax import metrics  # noqa: E402
-from cflow_jax.anomaly_map import Normalization, anomaly_maps  # noqa: E402
-from normalization_study import labels_and_masks, layer_log_probs  # noqa: E402
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A finished run.", required=True)
+flags.DEFINE_string("dataset", "folder", "Its dataset.")
+flags.DEFINE_string("data_dir", None, "Raw data, as for cflow-train.")
+flags.DEFINE_string("category", None, "Its category.")
+flags.DEFINE_list("counts", ["64", "32", "24", "16", "8", "4"], "The K to try (all images always).")
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True, help="a finished run")
-  parser.add_argument("--dataset", default="folder")
-  parser.add_argument("--data_dir", default=None)
-  parser.add_argument("--category", default=None)
-  parser.add_argument("--counts", default="64,32,24,16,8,4", help="comma-separated K (all images always)")
-  args = parser.parse_args(argv)
-
-  detector = cf.load(args.workdir)
+def main(_):
+  detector = cf.load(FLAGS.workdir)
   config = detector.config
-  load = lambda split: cf.api.resized(config, cf.data.load(args.dataset, split, args.category, args.data_dir))
+  load = lambda split: cf.api.resized(config, cf.data.load(FLAGS.dataset, split, FLAGS.category, FLAGS.data_dir))
   train_set, test_set = load("train"), load("test")
   train_lp = layer_log_probs(detector, train_set, config.batch_size, "training images")
   test_lp = layer_log_probs(detector, test_set, config.batch_size, "test images")
   labels, masks = labels_and_masks(test_set, config.batch_size, config.image_size)
   n = len(train_set)
   results = {}
-  for k in sorted({n} | {int(c) for c in args.counts.split(",") if int(c) < n}, reverse=True):
+  for k in sorted({n} | {int(c) for c in FLAGS.counts if int(c) < n}, reverse=True):
     chosen = np.linspace(0, n - 1, k).round().astype(int)
     layer_max = jnp.asarray([layer[chosen].max() for layer in train_lp], jnp.float32)
     fixed = Normalization(layer_max, jnp.float32(0.0))
@@ -59,10 +55,10 @@ def main(argv=None):
     print(f"K = {k:4d} of {n}: image / pixel AUROC {100 * found['image_auroc']:.2f} / "
           f"{100 * found['pixel_auroc']:.2f}, AUPRO {100 * found['aupro']:.2f}, layer maxima "
           f"{', '.join(f'{x:.3f}' for x in layer_max)}", flush=True)
-  out = Path(args.workdir) / "normalization_subset.json"
+  out = Path(FLAGS.workdir) / "normalization_subset.json"
   out.write_text(json.dumps(results, indent=2) + "\n")
   print(f"written to {out}")
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)
