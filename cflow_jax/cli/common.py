@@ -1,6 +1,7 @@
 """What the commands share at run time: the data they load, training and evaluating one category into a
 workdir (metrics.json, results.md and the pictures), whether a workdir holds a finished run, joining a job
-of several processes, and the one-line exit on a user's mistake. Their flags: `config_flags`.
+of several processes, and the one-line exit on a user's mistake (and, for the benchmarks in
+experiments/bench/, batches timed as training streams them). Their flags: `config_flags`.
 """
 
 import dataclasses
@@ -19,7 +20,7 @@ import numpy as np
 import tqdm
 from absl import app, flags, logging
 
-from cflow_jax import api, checkpoint, compile_cache, data, encoders, metrics as metrics_lib, report
+from cflow_jax import api, checkpoint, compile_cache, data, encoders, metrics as metrics_lib, report, train
 from cflow_jax.config import Config
 from cflow_jax.data.input_pipeline import preprocess
 from cflow_jax.errors import UserError
@@ -187,6 +188,19 @@ def one_line(message: str) -> str:
     if line:
       text += ("" if not text else " " if text.endswith((".", ":")) else "; ") + line
   return text
+
+
+def streamed_seconds(model, layout, placed, encode, key_data, lr, batches: int) -> float:
+  """Seconds per image batch run as `train.fit` runs them: each encoded (`encode()`), then its decoder
+  steps, dispatched without waiting, so that the devices' queues overlap one batch's encoding with another's
+  steps. `placed`: (params, opt_states, permutations) as `train._place` puts them (donated, used up)."""
+  params, opt_states, permutations = placed
+  began = time.perf_counter()
+  for _ in range(batches):
+    params, opt_states, losses = train.train_batch(model, layout, params, opt_states, permutations, encode(),
+                                                   key_data, np.float32(lr))
+  jax.block_until_ready((params, losses))
+  return (time.perf_counter() - began) / batches
 
 
 def split_cpu(devices: int | None):

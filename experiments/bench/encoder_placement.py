@@ -14,7 +14,7 @@ import numpy as np
 from absl import app, flags
 from jax.sharding import SingleDeviceSharding
 
-import common
+from cflow_jax.cli import common
 from cflow_jax import encoders, model as model_lib, sharding, train
 from cflow_jax.config import Config
 

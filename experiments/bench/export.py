@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-import common
+from cflow_jax.cli import common
 from cflow_jax import api, encoders, model as model_lib, train
 from cflow_jax.config import Config
 from cflow_jax.export import export, load_exported

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-import common
+from cflow_jax.cli import common
 from cflow_jax import api, encoders, flow, model as model_lib, precision, sharding, train
 from cflow_jax.anomaly_map import Normalization, anomaly_maps
 from cflow_jax.config import Config
