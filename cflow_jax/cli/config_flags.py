@@ -42,17 +42,19 @@ def _default(name: str) -> str:
 def define_config_flags():
   """One flag per Config field, default None (the Config's value, or the recipe's)."""
   for field in dataclasses.fields(Config):
-    name, choices, help = field.name, field.metadata["choices"], field.metadata["help"] + _default(field.name)
+    name, choices, text = field.name, field.metadata["choices"], field.metadata["help"] + _default(field.name)
     if choices is not None:
-      flags.DEFINE_enum(name, None, choices, help)
+      flags.DEFINE_enum(name, None, choices, text)
     elif field.type is bool:
-      flags.DEFINE_bool(name, None, help)
+      flags.DEFINE_bool(name, None, text)
     elif field.type is int:
-      flags.DEFINE_integer(name, None, help)
+      flags.DEFINE_integer(name, None, text)
     elif field.type is float:
-      flags.DEFINE_float(name, None, help)
-    else:  # str, or str | None
-      flags.DEFINE_string(name, None, help)
+      flags.DEFINE_float(name, None, text)
+    elif field.type in (str, str | None):
+      flags.DEFINE_string(name, None, text)
+    else:  # a new kind of field needs its parser here
+      raise TypeError(f"Config.{name}: no flag for a field of type {field.type}")
 
 
 def define_training_flags():
