@@ -1,4 +1,5 @@
-"""cflow-benchmark as a script: python experiments/benchmark.py --categories=bottle,cable (cflow_jax/cli/benchmark.py)."""
+"""cflow-benchmark as a script: python experiments/benchmark.py --categories=bottle,cable (see
+cflow_jax/cli/benchmark.py)."""
 
 from cflow_jax.cli import benchmark
 
