@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set-up and entry points on a fresh machine (Python >= 3.11, PyPI reachable), from the repository root:
 #   bash run.sh demo [train.py flags]   install into .venv, then train and evaluate the demo end to end
-#   bash run.sh test [pytest args]      install into .venv, then run the test suite
+#   bash run.sh test [pytest args]      install into .venv, then run the test suite on two processes
 # The install is skipped when .venv was made from the same requirements.txt and pyproject.toml.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -50,7 +50,9 @@ case "$command" in
   test)
     install
     status=0
-    "$VENV/bin/python" -m pytest "$@" || status=$?
+    # Two workers, a whole module each at a time (its fixtures built once), modules as conftest.py orders
+    # them; pytest args come after, so -n 0 runs it in one process.
+    "$VENV/bin/python" -m pytest -n 2 --dist loadscope --no-loadscope-reorder "$@" || status=$?
     if [ "$status" -eq 5 ]; then
       echo "run.sh: pytest collected no tests" >&2
     fi

@@ -114,7 +114,11 @@ def train_processes(*per_process_flags, script="train.py", stdout=False) -> list
                                f"--process_id={i}", *flags], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for i, flags in enumerate(per_process_flags)]
-  outputs = [w.communicate(timeout=300) for w in workers]
+  try:  # a guard against a hung job, generous: under `-n 2` another worker's tests share the CPU
+    outputs = [w.communicate(timeout=900) for w in workers]
+  finally:
+    for w in workers:
+      w.kill()  # after a timeout, no process of the job is left running (a finished one is not signalled)
   return [(w.returncode, err, out) if stdout else (w.returncode, err) for w, (out, err) in zip(workers, outputs)]
 
 
@@ -157,7 +161,7 @@ def test_benchmark_on_two_processes_trains_each_category_data_parallel_and_repor
   one = subprocess.run([sys.executable, str(REPO / "experiments" / "benchmark.py"), "--dataset=demo",
                         "--image_size=64", "--epochs=1", "--max_train=8", "--cpu_devices=1",
                         f"--workdir={tmp_path / 'one'}", *flags], cwd=REPO, capture_output=True, text=True,
-                       timeout=600)
+                       timeout=900)
   assert one.returncode == 0, one.stderr[-4000:]
   for category in ("brick", "grass"):
     two_metrics, one_metrics = (json.loads((tmp_path / side / category / "vgg16_hed" / "metrics.json").read_text())
