@@ -5,7 +5,7 @@ codes are shuffled jointly with an explicit key and cut into chunks of N, one Ad
 whole chunk loop is one compiled function (`make_train_layer`): a `lax.scan`, traced once per feature
 shape, so Python runs once per image batch and layer rather than once per optimiser step. The layers'
 loops are dispatched one after the other and run concurrently where their decoders sit on different
-devices (`sharding.train_layout`).
+devices (`runtime.train_layout`).
 
 Each decoder has its own Adam state (PyTorch 2's behaviour for one optimiser over all decoders: a decoder
 that got no gradient this step does not move). The learning rates of an image batch's steps are an
@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from cflow_jax import checkpoint, flow, model as model_lib, precision, sharding
+from cflow_jax import checkpoint, flow, model as model_lib, precision, runtime
 from cflow_jax.anomaly_map import Normalization, batch_layer_max, likelihood_map
 from cflow_jax.config import Config
 from cflow_jax.errors import UserError
@@ -119,8 +119,8 @@ def train_layer_fn(model, mesh=None):
     permutations = flow.split_blocks(permutations)
 
     def loss_fn(p, idx):
-      x = sharding.constrain_fibers(fibers[idx], mesh)
-      c = sharding.constrain_fibers(condition[idx], mesh)
+      x = runtime.constrain_fibers(fibers[idx], mesh)
+      c = runtime.constrain_fibers(condition[idx], mesh)
       log_p = precision.with_matmul_dtype(
           lambda dtype, x, c: flow.log_prob(p, permutations, x, c, config.clamp, dtype), config.train_dtype,
           x, c)
@@ -222,7 +222,7 @@ def layer_key_data(key, layers: int) -> np.ndarray:
   return np.asarray(jax.random.key_data(layer_keys(key, layers)))
 
 
-def train_batch(model, layout: sharding.Layout, params, opt_states, permutations, features, key_data, lr,
+def train_batch(model, layout: runtime.Layout, params, opt_states, permutations, features, key_data, lr,
                 valid_images: int | None = None):
   """One image batch for every decoder: (params, opt_states, losses), tuples over layers; `key_data` from
   `layer_key_data`, `lr` host data as `per_layer` takes it; `valid_images`: how many of the batch's images
@@ -291,7 +291,7 @@ def batch_key(seed: int, epoch: int, batch: int):
 def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.ndarray]],
         batches_per_epoch: int, *, workdir=None, meta: dict | None = None,
         progress: bool = True, log: Callable[[str], None] = print,
-        layout: sharding.Layout | None = None) -> tuple[TrainState, dict]:
+        layout: runtime.Layout | None = None) -> tuple[TrainState, dict]:
   """Trains the decoders; returns (state, history).
 
   Args:
@@ -302,8 +302,8 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
       counts image batches); the last may be shorter than the others.
     workdir: if given, a checkpoint is written after every epoch and an existing one is resumed.
     meta: JSON-able identity saved with each checkpoint (encoder weights, dataset).
-    layout: where the work runs (default `sharding.train_layout`: the decoders side by side on a CPU split
-      into several devices, else data parallelism over all devices); `sharding.Layout(mesh)` is data
+    layout: where the work runs (default `runtime.train_layout`: the decoders side by side on a CPU split
+      into several devices, else data parallelism over all devices); `runtime.Layout(mesh)` is data
       parallelism over that mesh.
   """
   config = model.config
@@ -319,9 +319,9 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
     if start:
       log(f"resuming from the checkpoint after epoch {start} in {workdir}")
 
-  layout = sharding.train_layout(layer_costs(model)) if layout is None else layout
-  state = _place(state, layout)
-  encoder_variables = sharding.replicate(encoder_variables, layout.mesh)
+  layout = runtime.train_layout(layer_costs(model)) if layout is None else layout
+  state = runtime.place_state(state, layout)
+  encoder_variables = runtime.replicate(encoder_variables, layout.mesh)
   bar = tqdm(total=config.epochs * batches_per_epoch, initial=start * batches_per_epoch, desc="training",
              disable=not progress, unit="batch", dynamic_ncols=True)
   layers = len(model.channels)
@@ -337,7 +337,7 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
       real = padded_chunks(model, valid, full) if valid < full else None
       if real is not None:
         # A short last batch, padded with zeros to the others' size, reuses their compiled programs.
-        pad = lambda x: sharding.pad_batch(x, full)
+        pad = lambda x: runtime.pad_batch(x, full)
         images = tuple(map(pad, images)) if cached else pad(images)
       else:
         real = (None,) * layers  # every loss is real
@@ -348,7 +348,7 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
       if cached:
         features = tuple(layout.put_images(f) for f in images)
       else:
-        features = model_lib.encode(model, encoder_variables, layout.put_images(images), mesh=layout.mesh)
+        features = runtime.encode(model, encoder_variables, layout.put_images(images), mesh=layout.mesh)
       params, opt_states, layer_losses = train_batch(model, layout, state.params, state.opt_states,
                                                      state.permutations, features, keys[b], rates, valid)
       state = state._replace(params=params, opt_states=opt_states)
@@ -369,7 +369,7 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
       checkpoint.save(workdir, state, _meta(config, meta, epoch + 1, history))
   bar.close()
   # Scoring splits image batches over the data mesh, with every decoder on all of its devices.
-  return sharding.replicate(state, layout.mesh), history
+  return runtime.replicate(state, layout.mesh), history
 
 
 def _resumable(workdir, step, like_state, config, meta):
@@ -378,13 +378,6 @@ def _resumable(workdir, step, like_state, config, meta):
   checkpoint.check_compatible(checkpoint.config_from_meta(saved_meta), config)
   _check_same_encoder(saved_meta, meta)
   return checkpoint.restore(workdir, like_state, step)
-
-
-def _place(state: TrainState, layout: sharding.Layout) -> TrainState:
-  """Each decoder's parameters, optimiser state and permutations where the layout trains it."""
-  per_layer = lambda trees: tuple(layout.put_decoder(l, t) for l, t in enumerate(trees))
-  return TrainState(per_layer(state.params), per_layer(state.opt_states), per_layer(state.permutations),
-                    sharding.replicate(state.normalization, layout.mesh))
 
 
 def _finish(pending, losses: list, model, epoch, workdir) -> int:
@@ -432,11 +425,11 @@ def fit_normalization(model, encoder_variables, params, permutations, batches: I
   """Fixed normalisation constants from (training) images: per-layer max of log p / C and the max of the
   likelihood map, so that later scores do not depend on which images are scored together. The batches
   are split over the `mesh` (default: all devices)."""
-  mesh = sharding.data_mesh() if mesh is None else mesh
-  replicated = sharding.replicate((encoder_variables, params, permutations), mesh)
+  mesh = runtime.data_mesh() if mesh is None else mesh
+  replicated = runtime.replicate((encoder_variables, params, permutations), mesh)
   log_probs = []
   for images in batches:
-    log_probs.append(model_lib.batch_log_probs(model, replicated, images, mesh))
+    log_probs.append(runtime.batch_log_probs(model, replicated, images, mesh))
     if len(log_probs) > 1:
       # One batch in flight at a time: a progress bar over `batches` then counts finished work, and the
       # device still never waits for the host.

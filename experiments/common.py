@@ -336,7 +336,7 @@ def one_line(message: str) -> str:
 def streamed_seconds(model, layout, placed, encode, key_data, lr, batches: int) -> float:
   """Seconds per image batch run as `train.fit` runs them: each encoded (`encode()`), then its decoder
   steps, dispatched without waiting, so that the devices' queues overlap one batch's encoding with another's
-  steps. `placed`: (params, opt_states, permutations) as `train._place` puts them (donated, used up)."""
+  steps. `placed`: (params, opt_states, permutations) as `runtime.place_state` puts them (donated, used up)."""
   params, opt_states, permutations = placed
   began = time.perf_counter()
   for _ in range(batches):

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from cflow_jax import checkpoint, encoders, flow, model as model_lib, sharding, train
+from cflow_jax import checkpoint, encoders, flow, model as model_lib, runtime, train
 from cflow_jax.config import Config
 from cflow_jax.errors import UserError
 
@@ -143,7 +143,7 @@ def test_chunks_drop_or_absorb_the_remainder():
 def test_train_step_compiles_once_and_same_seed_gives_same_parameters(encoder_variables):
   config = SMALL
   model = model_lib.build(config)
-  layout = sharding.train_layout(train.layer_costs(model))
+  layout = runtime.train_layout(train.layer_costs(model))
   train.make_train_layer.cache_clear()  # compiled afresh here, whatever earlier tests compiled
   step = train.make_train_layer(model, layout.split_mesh)
   with _lowered() as names:
@@ -152,7 +152,7 @@ def test_train_step_compiles_once_and_same_seed_gives_same_parameters(encoder_va
   assert _compilations(names, step) == 3, names
   with _lowered() as names:
     second, _ = _fit(config, encoder_variables)  # later runs of the same config reuse the compiled steps
-    state = train._place(train.init_state(model, jax.random.key(0)), layout)
+    state = runtime.place_state(train.init_state(model, jax.random.key(0)), layout)
     features = model_lib.encode(model, encoder_variables, layout.put_images(IMAGES[:4]))
     _, _, losses = train.train_batch(model, layout, state.params, state.opt_states, state.permutations,
                                      features, train.layer_key_data(jax.random.key(1), 3),
@@ -363,7 +363,7 @@ def test_a_short_last_batch_reuses_the_compiled_steps(encoder_variables):
   assert train.padded_chunks(model, 2, 4) == (16, 4, 1)  # 2 * 8 * 8 / 8, 2 * 4 * 4 / 8, 2 * 2 * 2 / 8
   assert train.padded_chunks(model_lib.build(SMALL), 2, 4) is None  # layer 3: 8 real fibers, chunks of 16
   train.make_train_layer.cache_clear()  # compiled afresh here, whatever earlier tests compiled
-  step = train.make_train_layer(model, sharding.train_layout(train.layer_costs(model)).split_mesh)
+  step = train.make_train_layer(model, runtime.train_layout(train.layer_costs(model)).split_mesh)
 
   def batches(epoch):
     for i in range(0, 10, 4):
