@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from cflow_jax import checkpoint, flow, model as model_lib, precision, runtime
+from cflow_jax import checkpoint, flow, flow_speed, model as model_lib, precision, runtime
 from cflow_jax.anomaly_map import Normalization, batch_layer_max, likelihood_map
 from cflow_jax.config import Config
 from cflow_jax.errors import UserError
@@ -115,8 +115,8 @@ def train_layer_fn(model, mesh=None):
     fibers, condition = model_lib.fibers_and_condition(features, config.condition_dim)
     b, h, w, _ = features.shape
     channels = fibers.shape[-1]
-    # The chunk loop carries every block's arrays separately (see flow.split_blocks).
-    permutations = flow.split_blocks(permutations)
+    # The chunk loop carries every block's arrays separately (see flow_speed.split_blocks).
+    permutations = flow_speed.split_blocks(permutations)
 
     def loss_fn(p, idx):
       x = runtime.constrain_fibers(fibers[idx], mesh)
@@ -144,7 +144,7 @@ def train_layer_fn(model, mesh=None):
       loss, grads = loss_and_grads(p, idx)
       return (p, s, grads, next_rate), loss
 
-    p, s = flow.split_blocks((params, opt_state), config.condition_dim)
+    p, s = flow_speed.split_blocks((params, opt_state), config.condition_dim)
     # With a traced count of real images, full and padded short batches share one compiled program.
     valid = None if valid_images is None else valid_images * h * w
     main, last = _chunk_indices(key, fibers.shape[0], config, valid)
@@ -170,7 +170,7 @@ def train_layer_fn(model, mesh=None):
       carry, last_loss = jax.lax.cond(full, step, lambda c, _: (c, jnp.zeros(())), carry,
                                       (last, rates[-1]))
       losses = jnp.concatenate([losses, last_loss[None]])
-    params, opt_state = flow.stack_blocks(update(*carry))
+    params, opt_state = flow_speed.stack_blocks(update(*carry))
     return params, opt_state, losses
 
   return train_layer
