@@ -156,10 +156,8 @@ def load(workdir, encoder_variables=None) -> Detector:
                     "run train.py again with the same --workdir to resume it")
   config = checkpoint.config_from_meta(meta)
   model, encoder_variables = create(config, encoder_variables)
-  fingerprint = meta.get("identity", {}).get("encoder_fingerprint")
-  if fingerprint and fingerprint != checkpoint.fingerprint(encoder_variables):
-    raise UserError(f"the encoder weights differ from those the run in {workdir} was trained with "
-                    f"({meta['identity'].get('weights')})")
+  checkpoint.check_same_run(meta, identity={"encoder_fingerprint": checkpoint.fingerprint(encoder_variables)},
+                            workdir=workdir)
   like = train.init_state(model, jax.random.key(0))
   fields, meta = checkpoint.restore_fields(workdir, {"params": like.params, "permutations": like.permutations,
                                                      "normalization": like.normalization})

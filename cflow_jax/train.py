@@ -375,8 +375,7 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
 def _resumable(workdir, step, like_state, config, meta):
   """(state, meta) of checkpoint `step`, once its run is known to be this one continued."""
   saved_meta = checkpoint.read_meta(workdir, step)
-  checkpoint.check_compatible(checkpoint.config_from_meta(saved_meta), config)
-  _check_same_encoder(saved_meta, meta)
+  checkpoint.check_same_run(saved_meta, config, meta, workdir)
   return checkpoint.restore(workdir, like_state, step)
 
 
@@ -393,14 +392,6 @@ def _finish(pending, losses: list, model, epoch, workdir) -> int:
 def _meta(config, meta, epoch, history, normalized=False):
   return {"config": config.to_json(), "identity": meta or {}, "epoch": epoch, "history": history,
           "normalized": normalized}
-
-
-def _check_same_encoder(saved_meta, meta):
-  saved, now = saved_meta.get("identity", {}), meta or {}
-  if saved.get("encoder_fingerprint") and now.get("encoder_fingerprint") and \
-     saved["encoder_fingerprint"] != now["encoder_fingerprint"]:
-    raise UserError(f"the workdir's run used other encoder weights ({saved.get('weights')}); "
-                    f"use another --workdir or the same --weights")
 
 
 def _check_finite(layer_losses, model, epoch, batch, workdir):

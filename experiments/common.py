@@ -210,13 +210,8 @@ def _finished_run(workdir, config: Config, train_set) -> bool:
   if checkpoint.latest_step(workdir) is None:
     return False
   meta = checkpoint.read_meta(workdir)
-  identity = meta.get("identity", {})
-  ours = (f"{train_set.name}/{train_set.category}", len(train_set))
-  theirs = (identity.get("dataset"), identity.get("train_images"))
-  if theirs != ours:
-    raise UserError(f"{workdir} holds a run trained on {theirs[0]} ({theirs[1]} images), not on {ours[0]} "
-                    f"({ours[1]} images): use another --workdir")
-  checkpoint.check_compatible(checkpoint.config_from_meta(meta), config)
+  identity = {"dataset": f"{train_set.name}/{train_set.category}", "train_images": len(train_set)}
+  checkpoint.check_same_run(meta, config, identity, workdir)
   return bool(meta.get("normalized")) and meta["epoch"] == config.epochs
 
 
