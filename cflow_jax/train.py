@@ -1,15 +1,12 @@
-"""Training the decoders (docs/design.md section 6): fibers, chunks, optax Adam with the reference schedule.
+"""Training the decoders (docs/design.md section 6): the schedule, the epoch loop, checkpoints, normalisation.
 
-Per image batch the frozen encoder runs once; then, per tapped layer, all B*h*w fibers and their positional
-codes are shuffled jointly with an explicit key and cut into chunks of N, one Adam step per chunk. A layer's
-whole chunk loop is one compiled function (`make_train_layer`): a `lax.scan`, traced once per feature
-shape, so Python runs once per image batch and layer rather than once per optimiser step. The layers'
-loops are dispatched one after the other and run concurrently where their decoders sit on different
-devices (`runtime.train_layout`).
+Per image batch the frozen encoder runs once; then each tapped layer's decoder takes its chunk loop
+(`train_step`, pure), compiled once per feature shape (`make_train_layer`), so Python runs once per image
+batch and layer rather than once per optimiser step. The layers' loops are dispatched one after the other
+and run concurrently where their decoders sit on different devices (`runtime.train_layout`).
 
-Each decoder has its own Adam state (PyTorch 2's behaviour for one optimiser over all decoders: a decoder
-that got no gradient this step does not move). The learning rates of an image batch's steps are an
-argument of its call, taken from the schedule on the host (`chunk_rates`): new rates do not recompile.
+The learning rates of an image batch's steps are an argument of its call, taken from the schedule on the
+host (`chunk_rates`): new rates do not recompile.
 """
 
 import functools
@@ -19,10 +16,10 @@ from typing import Callable, Iterable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm.auto import tqdm
 
-from cflow_jax import checkpoint, flow, flow_speed, model as model_lib, precision, runtime
+from cflow_jax import checkpoint, flow, runtime
+from cflow_jax.train_step import DecoderState, chunks_per_batch, init_decoders, layer_keys, per_layer, train_layer_fn
 from cflow_jax.anomaly_map import Normalization, batch_layer_max, likelihood_map
 from cflow_jax.config import Config
 from cflow_jax.errors import UserError
@@ -70,150 +67,18 @@ def chunk_rates(schedule, batch: int, total_batches: int, steps: int, compiled_s
   return np.pad(rates, (0, compiled_steps - steps))
 
 
-def chunks_per_batch(n_fibers: int, config: Config) -> int:
-  """Optimiser steps a layer takes per image batch of n_fibers fibers."""
-  return max(n_fibers // config.fiber_batch, 1)
-
-
-def make_optimizer() -> optax.GradientTransformation:
-  """Adam's scaling of the gradients (the learning rate is applied per image batch, see `train_batch_fn`);
-  its moments and step count advance per chunk, as PyTorch's Adam does per `step()`."""
-  return optax.scale_by_adam()
-
-
-def _chunk_indices(key, n: int, config: Config, valid=None):
-  """A joint shuffle of n fibers cut into chunks: (main (K, N), last or None).
-
-  With `drop_remainder` the n mod N leftover fibers are skipped (the original); otherwise the last chunk
-  takes them (anomalib), so it is longer than N and gets its own step. With `valid` (traced) only the
-  first `valid` fibers are real (a short batch padded to the compiled shape, see `padded_chunks`): the
-  shuffle puts them first, in the order it gives them, and the steps past them are skipped.
-  """
-  order = jax.random.permutation(key, n)
-  if valid is not None:
-    order = order[jnp.argsort(order >= valid, stable=True)]
-  size = min(config.fiber_batch, n)
-  k = chunks_per_batch(n, config)
-  if config.drop_remainder or n % size == 0:
-    return order[:k * size].reshape(k, size), None
-  return order[:(k - 1) * size].reshape(k - 1, size), order[(k - 1) * size:]
-
-
-def train_layer_fn(model, mesh=None):
-  """The pure function train_layer(params, opt_state, permutations, features, key, lr)
-  -> (params, opt_state, losses): one decoder's chunk loop over one image batch's features (B, h, w, C) of
-  its layer; `losses` holds the loss of every chunk. `lr` is the learning rate of each chunk's step,
-  (chunks,) as `chunk_rates` gives them, or one scalar for all (traced: new values do not recompile).
-
-  With a `mesh` of several devices each chunk's fibers are split over them (data parallelism; XLA
-  all-reduces the gradients).
-  """
-  config = model.config
-  optimizer = make_optimizer()
-
-  def train_layer(params, opt_state, permutations, features, key, lr, valid_images=None):
-    fibers, condition = model_lib.fibers_and_condition(features, config.condition_dim)
-    b, h, w, _ = features.shape
-    channels = fibers.shape[-1]
-    # The chunk loop carries every block's arrays separately (see flow_speed.split_blocks).
-    permutations = flow_speed.split_blocks(permutations)
-
-    def loss_fn(p, idx):
-      x = runtime.constrain_fibers(fibers[idx], mesh)
-      c = runtime.constrain_fibers(condition[idx], mesh)
-      log_p = precision.with_matmul_dtype(
-          lambda dtype, x, c: flow.log_prob(p, permutations, x, c, config.clamp, dtype), config.train_dtype,
-          x, c)
-      return flow.nll_loss(log_p, channels)
-
-    loss_and_grads = jax.value_and_grad(loss_fn)
-
-    def update(p, s, grads, rate):
-      updates, s = optimizer.update(grads, s, p)
-      return optax.apply_updates(p, jax.tree.map(lambda u: -rate * u, updates)), s
-
-    # Each step in the loop applies the previous step's gradient (at that step's rate), then takes its
-    # own, so the weights its matmuls read are written only by the next step's update. Updating after the
-    # backward pass made XLA copy every weight at the start of each step (an in-place update is not
-    # ordered after the backward matmuls that read the weight without feeding its own gradient). The
-    # first gradient is taken before the loop and the last one applied after it.
-    def step(carry, chunk):
-      p, s, grads, rate = carry
-      idx, next_rate = chunk
-      p, s = update(p, s, grads, rate)
-      loss, grads = loss_and_grads(p, idx)
-      return (p, s, grads, next_rate), loss
-
-    p, s = flow_speed.split_blocks((params, opt_state), config.condition_dim)
-    # With a traced count of real images, full and padded short batches share one compiled program.
-    valid = None if valid_images is None else valid_images * h * w
-    main, last = _chunk_indices(key, fibers.shape[0], config, valid)
-    if not len(main):  # a single chunk, longer than N (never padded: `padded_chunks`)
-      main, last = last[None], None
-    rates = jnp.broadcast_to(jnp.asarray(lr, jnp.float32), (len(main) + (last is not None),))
-    first_loss, grads = loss_and_grads(p, main[0])
-    carry = (p, s, grads, rates[0])
-    if valid is None:
-      carry, losses = jax.lax.scan(step, carry, (main[1:], rates[1:len(main)]))
-      losses = jnp.concatenate([first_loss[None], losses])
-    else:
-      def body(i, loop):
-        carry, losses = loop
-        carry, loss = step(carry, (main[i], rates[i]))
-        return carry, losses.at[i].set(loss)
-
-      steps = jnp.maximum(valid // main.shape[1], 1)
-      losses = jnp.zeros(len(main)).at[0].set(first_loss)
-      carry, losses = jax.lax.fori_loop(1, steps, body, (carry, losses))
-    if last is not None:
-      full = True if valid_images is None else valid_images == b
-      carry, last_loss = jax.lax.cond(full, step, lambda c, _: (c, jnp.zeros(())), carry,
-                                      (last, rates[-1]))
-      losses = jnp.concatenate([losses, last_loss[None]])
-    params, opt_state = flow_speed.stack_blocks(update(*carry))
-    return params, opt_state, losses
-
-  return train_layer
-
-
-def layer_keys(key, layers: int):
-  """The shuffle key of each layer's fibers, from an image batch's key."""
-  return jax.random.split(key, layers)
-
-
-def per_layer(lr, layers: int) -> tuple:
-  """Learning rates as a tuple over layers: `lr` already is one (each layer's `chunk_rates`), or one
-  scalar for every step of every layer."""
-  return lr if isinstance(lr, tuple) else (lr,) * layers
-
-
-def train_batch_fn(model, mesh=None):
-  """The pure function train_batch(params, opt_states, permutations, features, key, lr)
-  -> (params, opt_states, losses): `train_layer_fn` for every layer, as one function (tuples over layers;
-  `lr` as `per_layer` takes it)."""
-  train_layer = train_layer_fn(model, mesh)
-
-  def train_batch(params, opt_states, permutations, features, key, lr):
-    keys = layer_keys(key, len(features))
-    out = [train_layer(*args) for args in zip(params, opt_states, permutations, features, keys,
-                                              per_layer(lr, len(features)))]
-    return tuple(o[0] for o in out), tuple(o[1] for o in out), tuple(o[2] for o in out)
-
-  return train_batch
-
-
 @functools.lru_cache(maxsize=8)
 def make_train_layer(model, mesh=None):
-  """`train_layer_fn` jitted, with parameters and optimiser state donated and the key passed as its raw
-  data (see `layer_key_data`): compiled once per layer shape (and device). Cached, so runs with the same
-  config share the compilations."""
-  train_layer = train_layer_fn(model, mesh)
+  """`train_step.train_layer_fn` jitted, with the decoder's state donated and the key passed as its raw
+  data (see `layer_key_data`): compiled once per layer shape (and device). With a `mesh` of several
+  devices each chunk's fibers are split over them (data parallelism; XLA all-reduces the gradients).
+  Cached, so runs with the same config share the compilations."""
+  train_layer = train_layer_fn(model.config, lambda x: runtime.constrain_fibers(x, mesh))
 
-  def from_key_data(params, opt_state, permutations, features, key_data, lr, valid_images):
-    return train_layer(params, opt_state, permutations, features, jax.random.wrap_key_data(key_data), lr,
-                       valid_images)
+  def from_key_data(decoder, features, key_data, lr, valid_images):
+    return train_layer(decoder, features, jax.random.wrap_key_data(key_data), lr, valid_images)
 
-  return jax.jit(from_key_data, donate_argnums=(0, 1))
+  return jax.jit(from_key_data, donate_argnums=0)
 
 
 def layer_key_data(key, layers: int) -> np.ndarray:
@@ -222,9 +87,10 @@ def layer_key_data(key, layers: int) -> np.ndarray:
   return np.asarray(jax.random.key_data(layer_keys(key, layers)))
 
 
-def train_batch(model, layout: runtime.Layout, params, opt_states, permutations, features, key_data, lr,
+def train_batch(model, layout: runtime.Layout, decoders, features, key_data, lr,
                 valid_images: int | None = None):
-  """One image batch for every decoder: (params, opt_states, losses), tuples over layers; `key_data` from
+  """One image batch for every decoder: (decoders, losses), tuples over layers of `DecoderState`s (used up:
+  donated) and of each chunk's loss; `key_data` from
   `layer_key_data`, `lr` host data as `per_layer` takes it; `valid_images`: how many of the batch's images
   are real (a short batch padded to the compiled shape, `padded_chunks`; default all). Losses of skipped
   steps are zeros after the real ones.
@@ -236,10 +102,9 @@ def train_batch(model, layout: runtime.Layout, params, opt_states, permutations,
   valid = np.int32(features[0].shape[0] if valid_images is None else valid_images)
   out = []
   rates = per_layer(lr, len(features))
-  for layer, (p, s, q, f, k, r) in enumerate(zip(params, opt_states, permutations, features, key_data,
-                                                 rates)):
-    out.append(step(p, s, q, layout.put_step_input(layer, f), k, r, valid))
-  return tuple(o[0] for o in out), tuple(o[1] for o in out), tuple(o[2] for o in out)
+  for layer, (d, f, k, r) in enumerate(zip(decoders, features, key_data, rates)):
+    out.append(step(d, layout.put_step_input(layer, f), k, r, valid))
+  return tuple(o[0] for o in out), tuple(o[1] for o in out)
 
 
 def padded_chunks(model, valid_images: int, batch_size: int) -> tuple[int, ...] | None:
@@ -267,19 +132,27 @@ def layer_costs(model) -> tuple[float, ...]:
 
 
 class TrainState(NamedTuple):
-  """Everything a run saves and resumes from."""
+  """Everything a run saves and resumes from: the decoders' states (`decoders`), kept as one tuple over
+  layers per field, the layout of every checkpoint written so far, and the normalisation."""
   params: tuple
   opt_states: tuple
   permutations: tuple
   normalization: Normalization
 
+  @property
+  def decoders(self) -> tuple[DecoderState, ...]:
+    return tuple(DecoderState(*d) for d in zip(self.params, self.opt_states, self.permutations))
+
+  def with_decoders(self, decoders) -> "TrainState":
+    return self._replace(params=tuple(d.params for d in decoders),
+                         opt_states=tuple(d.opt_state for d in decoders),
+                         permutations=tuple(d.permutations for d in decoders))
+
 
 def init_state(model, key) -> TrainState:
-  params, permutations = model_lib.init_decoders(model, key)
-  opt_states = tuple(make_optimizer().init(p) for p in params)
-  layers = len(params)
-  return TrainState(params, opt_states, permutations,
-                    Normalization(jnp.zeros((layers,)), jnp.zeros(())))
+  decoders = init_decoders(model, key)
+  layers = len(decoders)
+  return TrainState((), (), (), Normalization(jnp.zeros((layers,)), jnp.zeros(()))).with_decoders(decoders)
 
 
 def batch_key(seed: int, epoch: int, batch: int):
@@ -349,9 +222,8 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
         features = tuple(layout.put_images(f) for f in images)
       else:
         features = runtime.encode(model, encoder_variables, layout.put_images(images), mesh=layout.mesh)
-      params, opt_states, layer_losses = train_batch(model, layout, state.params, state.opt_states,
-                                                     state.permutations, features, keys[b], rates, valid)
-      state = state._replace(params=params, opt_states=opt_states)
+      decoders, layer_losses = train_batch(model, layout, state.decoders, features, keys[b], rates, valid)
+      state = state.with_decoders(decoders)
       # Wait for the previous batch only now: with this batch already queued, the devices do not idle
       # on Python between batches.
       if pending is not None:

@@ -52,7 +52,7 @@ def main(_):
   key_data = train.layer_key_data(jax.random.key(1), len(model.channels))
 
   def stream(name, batches):
-    placed = runtime.place_state(jax.tree.map(jnp.copy, state), layout)[:3]
+    placed = runtime.place_state(jax.tree.map(jnp.copy, state), layout).decoders
     return common.streamed_seconds(model, layout, placed, encode[name], key_data, config.lr, batches)
 
   names = ["one", "split"]

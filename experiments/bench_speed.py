@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 
 import common
-from cflow_jax import api, encoders, flow, model as model_lib, precision, runtime, train
+from cflow_jax import api, encoders, flow, model as model_lib, precision, runtime, train, train_step
 from cflow_jax.anomaly_map import Normalization, anomaly_maps
 from cflow_jax.config import Config
 
@@ -83,7 +83,7 @@ def main(_):
   features = encode()
   key_data = train.layer_key_data(jax.random.key(1), len(model.channels))
   fibers = sum(b * h * h for h in model.feature_sizes())
-  steps = sum(train.chunks_per_batch(b * h * h, config) for h in model.feature_sizes())
+  steps = sum(train_step.chunks_per_batch(b * h * h, config) for h in model.feature_sizes())
   fixed = runtime.beside_log_probs(
       Normalization(jnp.zeros(len(model.channels)), jnp.asarray(len(model.channels), jnp.float32)), mesh)
   replicated = runtime.replicate((variables, state.params, state.permutations), mesh)
@@ -92,9 +92,9 @@ def main(_):
 
   # The train step donates its parameters: give it freshly placed copies each call.
   fresh = lambda: runtime.place_state(jax.tree.map(jnp.copy, state), layout)
-  train_call = lambda: train.train_batch(model, layout, *fresh()[:3], features, key_data, np.float32(config.lr))
+  train_call = lambda: train.train_batch(model, layout, fresh().decoders, features, key_data, np.float32(config.lr))
 
-  stream = lambda: common.streamed_seconds(model, layout, fresh()[:3], encode, key_data, config.lr,
+  stream = lambda: common.streamed_seconds(model, layout, fresh().decoders, encode, key_data, config.lr,
                                            FLAGS.repeats)
   figures = {
       "backbone": config.backbone, "image_size": s, "batch_size": b, "fiber_batch": config.fiber_batch,
@@ -121,7 +121,7 @@ def main(_):
   decoder_flops = sum(b * h * h * flow.forward_flops(c, config.condition_dim, config.coupling_blocks, b)
                       for h, c in zip(model.feature_sizes(), model.channels))
   # The fibers actually trained (the remainder is dropped).
-  train_flops = sum(train.chunks_per_batch(b * h * h, config) * min(config.fiber_batch, b * h * h)
+  train_flops = sum(train_step.chunks_per_batch(b * h * h, config) * min(config.fiber_batch, b * h * h)
                     * flow.train_flops(c, config.condition_dim, config.coupling_blocks)
                     for h, c in zip(model.feature_sizes(), model.channels))
   score_flops = encode_flops + decoder_flops

@@ -331,13 +331,12 @@ def one_line(message: str) -> str:
 def streamed_seconds(model, layout, placed, encode, key_data, lr, batches: int) -> float:
   """Seconds per image batch run as `train.fit` runs them: each encoded (`encode()`), then its decoder
   steps, dispatched without waiting, so that the devices' queues overlap one batch's encoding with another's
-  steps. `placed`: (params, opt_states, permutations) as `runtime.place_state` puts them (donated, used up)."""
-  params, opt_states, permutations = placed
+  steps. `placed`: the decoders as `runtime.place_state` puts them (donated, used up)."""
+  decoders = placed
   began = time.perf_counter()
   for _ in range(batches):
-    params, opt_states, losses = train.train_batch(model, layout, params, opt_states, permutations, encode(),
-                                                   key_data, np.float32(lr))
-  jax.block_until_ready((params, losses))
+    decoders, losses = train.train_batch(model, layout, decoders, encode(), key_data, np.float32(lr))
+  jax.block_until_ready((decoders, losses))
   return (time.perf_counter() - began) / batches
 
 
