@@ -195,53 +195,86 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
   layout = runtime.train_layout(layer_costs(model)) if layout is None else layout
   state = runtime.place_state(state, layout)
   encoder_variables = runtime.replicate(encoder_variables, layout.mesh)
+  layers, keys, full = len(model.channels), [], None
+
+  def dispatch(epoch, b, images):
+    nonlocal state, keys, full
+    if b == 0:
+      # Every batch's keys on the host, made while the devices are idle: made later on a device, they
+      # would wait there behind the previous batch's steps and hold back the other devices.
+      keys = [layer_key_data(batch_key(config.seed, epoch, i), layers) for i in range(batches_per_epoch)]
+    cached = isinstance(images, tuple)  # features
+    valid = len(images[0] if cached else images)
+    full = valid if b == 0 else full  # the epoch's batches' size (only the last may be shorter)
+    real = padded_chunks(model, valid, full) if valid < full else None
+    if real is not None:
+      # A short last batch, padded with zeros to the others' size, reuses their compiled programs.
+      pad = lambda x: runtime.pad_batch(x, full)
+      images = tuple(map(pad, images)) if cached else pad(images)
+    else:
+      real = (None,) * layers  # every loss is real
+    steps = [chunks_per_batch(len(images[0] if cached else images) * h * h, config)
+             for h in model.feature_sizes()]
+    rates = tuple(chunk_rates(schedule, epoch * batches_per_epoch + b, total_batches, k or n, n)
+                  for k, n in zip(real, steps))
+    if cached:
+      features = tuple(layout.put_images(f) for f in images)
+    else:
+      features = runtime.encode(model, encoder_variables, layout.put_images(images), mesh=layout.mesh)
+    decoders, layer_losses = train_batch(model, layout, state.decoders, features, keys[b], rates, valid)
+    state = state.with_decoders(decoders)
+    return layer_losses, valid * sum(f.shape[1] * f.shape[2] for f in features), real
+
+  def end_epoch(epoch, history):
+    if workdir is not None:
+      checkpoint.save(workdir, state, _meta(config, meta, epoch + 1, history))
+
+  history = epoch_loop(model, train_batches, dispatch, batches_per_epoch, start=start, history=history,
+                       end_epoch=end_epoch, workdir=workdir, progress=progress)
+  # Scoring splits image batches over the data mesh, with every decoder on all of its devices.
+  return runtime.replicate(state, layout.mesh), history
+
+
+def epoch_loop(model, batches: Callable[[int], Iterable], dispatch: Callable, batches_per_epoch: int, *,
+               start: int = 0, history: dict | None = None, end_epoch: Callable | None = None, workdir=None,
+               progress: bool = True, categories: list | None = None) -> dict:
+  """The epoch loop that `fit` and `multi.fit_many` share: epochs from `start` (a resumed run's), the
+  progress bar, each batch's losses checked for NaN, the history; returns the history.
+
+  Args:
+    batches: epoch -> iterable of batches, handed to `dispatch` as they come.
+    dispatch: (epoch, index, batch) -> (losses per layer, fibers trained, real steps per layer or None
+      each): queues the batch's steps and returns at once; its losses are read only once the next batch
+      is queued, so that the devices do not idle on Python between batches.
+    history: a resumed run's, continued.
+    end_epoch: (epoch, history) after each epoch (where `fit` writes its checkpoint).
+    workdir: named in the message of a run stopped by a NaN loss.
+    categories: with decoders stacked over categories (losses (K, steps)), their names, for that message.
+  """
+  config = model.config
+  history = history or {"epoch_loss": [], "epoch_seconds": [], "fibers_per_epoch": 0}
   bar = tqdm(total=config.epochs * batches_per_epoch, initial=start * batches_per_epoch, desc="training",
              disable=not progress, unit="batch", dynamic_ncols=True)
-  layers = len(model.channels)
+  finish = lambda pending, losses, epoch: _finish(pending, losses, model, epoch, workdir, categories)
   for epoch in range(start, config.epochs):
     began, losses, fibers, pending = time.perf_counter(), [], 0, None
-    # Every batch's keys on the host, made while the devices are idle: made later on a device, they would
-    # wait there behind the previous batch's steps and hold back the other devices.
-    keys = [layer_key_data(batch_key(config.seed, epoch, b), layers) for b in range(batches_per_epoch)]
-    for b, images in enumerate(train_batches(epoch)):
-      cached = isinstance(images, tuple)  # features
-      valid = len(images[0] if cached else images)
-      full = valid if b == 0 else full  # the epoch's batches' size (only the last may be shorter)
-      real = padded_chunks(model, valid, full) if valid < full else None
-      if real is not None:
-        # A short last batch, padded with zeros to the others' size, reuses their compiled programs.
-        pad = lambda x: runtime.pad_batch(x, full)
-        images = tuple(map(pad, images)) if cached else pad(images)
-      else:
-        real = (None,) * layers  # every loss is real
-      steps = [chunks_per_batch(len(images[0] if cached else images) * h * h, config)
-               for h in model.feature_sizes()]
-      rates = tuple(chunk_rates(schedule, epoch * batches_per_epoch + b, total_batches, k or n, n)
-                    for k, n in zip(real, steps))
-      if cached:
-        features = tuple(layout.put_images(f) for f in images)
-      else:
-        features = runtime.encode(model, encoder_variables, layout.put_images(images), mesh=layout.mesh)
-      decoders, layer_losses = train_batch(model, layout, state.decoders, features, keys[b], rates, valid)
-      state = state.with_decoders(decoders)
-      # Wait for the previous batch only now: with this batch already queued, the devices do not idle
-      # on Python between batches.
+    for b, batch in enumerate(batches(epoch)):
+      dispatched = (b,) + tuple(dispatch(epoch, b, batch))
       if pending is not None:
-        fibers += _finish(pending, losses, model, epoch, workdir)
+        fibers += finish(pending, losses, epoch)
         bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}",
                         fibers_s=f"{fibers / max(time.perf_counter() - began, 1e-9):,.0f}")
-      pending = (b, layer_losses, valid * sum(f.shape[1] * f.shape[2] for f in features), real)
+      pending = dispatched
       bar.update()
     if pending is not None:
-      fibers += _finish(pending, losses, model, epoch, workdir)
+      fibers += finish(pending, losses, epoch)
     history["epoch_loss"].append(float(np.mean(losses)) if losses else float("nan"))
     history["epoch_seconds"].append(time.perf_counter() - began)
     history["fibers_per_epoch"] = fibers
-    if workdir is not None:
-      checkpoint.save(workdir, state, _meta(config, meta, epoch + 1, history))
+    if end_epoch is not None:
+      end_epoch(epoch, history)
   bar.close()
-  # Scoring splits image batches over the data mesh, with every decoder on all of its devices.
-  return runtime.replicate(state, layout.mesh), history
+  return history
 
 
 def _resumable(workdir, step, like_state, config, meta):
@@ -251,12 +284,12 @@ def _resumable(workdir, step, like_state, config, meta):
   return checkpoint.restore(workdir, like_state, step)
 
 
-def _finish(pending, losses: list, model, epoch, workdir) -> int:
-  """Waits for a dispatched image batch (index, per-layer losses, fibers), appends its mean loss to
-  `losses` and returns its fiber count; stops the run if any loss is not finite."""
+def _finish(pending, losses: list, model, epoch, workdir, categories=None) -> int:
+  """Waits for a dispatched image batch (index, per-layer losses, fibers, real steps), appends its mean
+  loss to `losses` and returns its fiber count; stops the run if any loss is not finite."""
   batch, layer_losses, fibers, real = pending
-  layer_losses = [np.asarray(l)[:k] for l, k in zip(layer_losses, real)]
-  _check_finite(layer_losses, model, epoch, batch, workdir)
+  layer_losses = [np.asarray(l)[..., :k] for l, k in zip(layer_losses, real)]
+  _check_finite(layer_losses, model, epoch, batch, workdir, categories)
   losses.append(float(np.mean([l.mean() for l in layer_losses])))
   return fibers
 
@@ -266,15 +299,19 @@ def _meta(config, meta, epoch, history, normalized=False):
           "normalized": normalized}
 
 
-def _check_finite(layer_losses, model, epoch, batch, workdir):
+def _check_finite(layer_losses, model, epoch, batch, workdir, categories=None):
+  """A TrainingDiverged naming the first non-finite loss: its chunk (the last axis) and layer, and its
+  category where `categories` name the leading axis of stacked decoders."""
   for layer, losses in enumerate(layer_losses):
-    bad = np.flatnonzero(~np.isfinite(losses))
-    if bad.size:
+    bad = np.argwhere(~np.isfinite(losses))
+    if len(bad):
+      first = tuple(bad[0])
       kept = (f"the last good checkpoint in {workdir} is kept" if workdir is not None
               else "no checkpoint was being written")
+      category = f", category {categories[first[0]]}" if categories else ""
       raise TrainingDiverged(
-          f"loss became {losses[bad[0]]} at epoch {epoch + 1}, image batch {batch + 1}, chunk {bad[0] + 1}, "
-          f"layer {model.spec.taps[layer]}; {kept}. Try a lower --lr or check the input data.")
+          f"loss became {losses[first]} at epoch {epoch + 1}, image batch {batch + 1}, chunk {first[-1] + 1}, "
+          f"layer {model.spec.taps[layer]}{category}; {kept}. Try a lower --lr or check the input data.")
 
 
 def unset_normalization(layers: int) -> Normalization:
