@@ -126,9 +126,9 @@ def num_blocks(params) -> int:
 
 def _over_fibers(params, permutations, x, condition, clamp, inverse, dtype):
   """The flow on fibers x (N, C) with conditions (N, P), as matrices: each subnet Linear is one matmul
-  over the chunk, and so is its weight gradient (`flow_speed.mixed_matmul`). Or on x (N, K, C) whose K fibers share
-  one condition (N, P): vmapped over N and K, where the inner vmap leaves the condition unbatched, so its
-  projection in every block is computed once per condition instead of once per fiber."""
+  over the chunk, and so is its weight gradient (`flow_speed.mixed_matmul`). Or on x (N, K, C) whose K
+  fibers share one condition (N, P): vmapped over N and K, where the inner vmap leaves the condition
+  unbatched, so its projection in every block is computed once per condition instead of once per fiber."""
   if x.ndim == 3:
     one = lambda x, c: _flow(params, permutations, x, c, clamp, inverse, dtype)
     return jax.vmap(jax.vmap(one, in_axes=(0, None)))(x, condition)

@@ -19,7 +19,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cflow_jax import checkpoint, flow, runtime
-from cflow_jax.train_step import DecoderState, chunks_per_batch, init_decoders, layer_keys, per_layer, train_layer_fn
+from cflow_jax.train_step import (DecoderState, chunks_per_batch, init_decoders, layer_keys, per_layer,
+                                  train_layer_fn)
 from cflow_jax.anomaly_map import Normalization, batch_layer_max, likelihood_map
 from cflow_jax.config import Config
 from cflow_jax.errors import UserError
@@ -310,8 +311,9 @@ def _check_finite(layer_losses, model, epoch, batch, workdir, categories=None):
               else "no checkpoint was being written")
       category = f", category {categories[first[0]]}" if categories else ""
       raise TrainingDiverged(
-          f"loss became {losses[first]} at epoch {epoch + 1}, image batch {batch + 1}, chunk {first[-1] + 1}, "
-          f"layer {model.spec.taps[layer]}{category}; {kept}. Try a lower --lr or check the input data.")
+          f"loss became {losses[first]} at epoch {epoch + 1}, image batch {batch + 1}, "
+          f"chunk {first[-1] + 1}, layer {model.spec.taps[layer]}{category}; {kept}. "
+          "Try a lower --lr or check the input data.")
 
 
 def unset_normalization(layers: int) -> Normalization:

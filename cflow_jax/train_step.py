@@ -89,8 +89,8 @@ def train_layer_fn(config: Config, constrain=None):
       x = constrain(fibers[idx])
       c = constrain(condition[idx])
       log_p = precision.with_matmul_dtype(
-          lambda dtype, x, c: flow.log_prob(p, split_permutations, x, c, config.clamp, dtype), config.train_dtype,
-          x, c)
+          lambda dtype, x, c: flow.log_prob(p, split_permutations, x, c, config.clamp, dtype),
+          config.train_dtype, x, c)
       return flow.nll_loss(log_p, channels)
 
     loss_and_grads = jax.value_and_grad(loss_fn)

@@ -92,7 +92,8 @@ def main(_):
 
   # The train step donates its parameters: give it freshly placed copies each call.
   fresh = lambda: runtime.place_state(jax.tree.map(jnp.copy, state), layout)
-  train_call = lambda: train.train_batch(model, layout, fresh().decoders, features, key_data, np.float32(config.lr))
+  train_call = lambda: train.train_batch(model, layout, fresh().decoders, features, key_data,
+                                         np.float32(config.lr))
 
   stream = lambda: common.streamed_seconds(model, layout, fresh().decoders, encode, key_data, config.lr,
                                            FLAGS.repeats)

@@ -17,8 +17,9 @@ def _rounded(a):
 
 @pytest.mark.parametrize("shape", [(64, 48), (6, 5, 48)])
 def test_mixed_matmul_gradients_are_the_rounded_operands_products(shape):
-  """`flow_speed.mixed_matmul`'s backward pass: dx = g w^T and dw = x^T g, each from the bfloat16-rounded operands
-  and cotangent, summed in float32 (here against float64), for a chunk and for rows in a leading batch."""
+  """`flow_speed.mixed_matmul`'s backward pass: dx = g w^T and dw = x^T g, each from the bfloat16-rounded
+  operands and cotangent, summed in float32 (here against float64), for a chunk and for rows in a leading
+  batch."""
   kx, kw, kg = jax.random.split(jax.random.key(0), 3)
   x, w = jax.random.normal(kx, shape), jax.random.normal(kw, (48, 40))
   g = jax.random.normal(kg, shape[:-1] + (40,))
@@ -53,7 +54,8 @@ def test_bfloat16_training_gradients_follow_float32s():
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="which matmuls run in bfloat16 is XLA:CPU's choice")
 def test_bfloat16_training_step_has_no_float32_matmul():
   """Every matmul of a bfloat16 training step (forward and backward) reads bfloat16 operands. A transpose
-  that XLA folds into its matmul makes XLA:CPU run that matmul in float32 (`flow_speed._row_major_transpose`)."""
+  that XLA folds into its matmul makes XLA:CPU run that matmul in float32
+  (`flow_speed._row_major_transpose`)."""
   params, permutations = flow.init_decoder(jax.random.key(0), 16, 8, 2)
   x, c = jax.random.normal(jax.random.key(1), (32, 16)), jax.random.normal(jax.random.key(2), (32, 8))
   loss = lambda p, x, c: flow.nll_loss(flow.log_prob(p, permutations, x, c, dtype=jnp.bfloat16), 16)
