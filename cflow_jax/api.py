@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from cflow_jax import checkpoint, data, metrics, model as model_lib, sharding, train, weights
+from cflow_jax import checkpoint, data, metrics, model as model_lib, runtime, train, weights
 from cflow_jax.anomaly_map import Normalization, anomaly_maps
 from cflow_jax.config import Config
 from cflow_jax.errors import UserError
@@ -156,10 +156,8 @@ def load(workdir, encoder_variables=None) -> Detector:
                     "run train.py again with the same --workdir to resume it")
   config = checkpoint.config_from_meta(meta)
   model, encoder_variables = create(config, encoder_variables)
-  fingerprint = meta.get("identity", {}).get("encoder_fingerprint")
-  if fingerprint and fingerprint != checkpoint.fingerprint(encoder_variables):
-    raise UserError(f"the encoder weights differ from those the run in {workdir} was trained with "
-                    f"({meta['identity'].get('weights')})")
+  checkpoint.check_same_run(meta, identity={"encoder_fingerprint": checkpoint.fingerprint(encoder_variables)},
+                            workdir=workdir)
   like = train.init_state(model, jax.random.key(0))
   fields, meta = checkpoint.restore_fields(workdir, {"params": like.params, "permutations": like.permutations,
                                                      "normalization": like.normalization})
@@ -245,18 +243,18 @@ def score_batches(detector: Detector, images, batch_size: int | None = None,
   if mode == "test_set":
     raise UserError("test_set normalisation needs all images at once: use score(), not score_batches()")
   batch_size = batch_size or config.batch_size
-  mesh = sharding.data_mesh()
+  mesh = runtime.data_mesh()
   replicated = _replicated(detector, mesh)
   if mode == "train" and np.isnan(np.asarray(detector.normalization.map_max)):
     raise UserError(f"this detector fixed no maxima from training images (it was trained with "
                     f"normalization={config.normalization!r}): score with normalization='batch' or 'test_set'")
-  fixed = model_lib.beside_log_probs(detector.normalization, mesh) if mode == "train" else None
+  fixed = runtime.beside_log_probs(detector.normalization, mesh) if mode == "train" else None
   for batch in _bar(_as_batches(images, batch_size, config), images, batch_size, "scoring", progress):
     x, n = batch["image"], len(batch["image"])
     if fixed is not None and n < batch_size:
       # Pad a short last batch to the compiled shape; with fixed constants each image is scored alone.
-      x = sharding.pad_batch(x, batch_size)
-    log_probs = model_lib.batch_log_probs(detector.model, replicated, x, mesh)
+      x = runtime.pad_batch(x, batch_size)
+    log_probs = runtime.batch_log_probs(detector.model, replicated, x, mesh)
     maps, scores = _maps(log_probs, config.image_size, fixed, config.blur_sigma)
     yield batch, np.asarray(scores)[:n], np.asarray(maps)[:n]
 
@@ -266,7 +264,7 @@ _maps = jax.jit(anomaly_maps, static_argnums=(1, 3))
 
 def _replicated(detector: Detector, mesh):
   """(encoder variables, decoders, permutations) on every device of the mesh, for `batch_log_probs`."""
-  return sharding.replicate((detector.encoder_variables, detector.params, detector.permutations), mesh)
+  return runtime.replicate((detector.encoder_variables, detector.params, detector.permutations), mesh)
 
 
 def score(detector: Detector, images, batch_size: int | None = None,
@@ -278,11 +276,11 @@ def score(detector: Detector, images, batch_size: int | None = None,
     parts = [(s, m) for _, s, m in score_batches(detector, images, batch_size, mode, progress)]
     return Scores(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
   # The original's whole-set maxima: two passes over the small per-layer log-likelihoods.
-  config, mesh = detector.config, sharding.data_mesh()
+  config, mesh = detector.config, runtime.data_mesh()
   replicated = _replicated(detector, mesh)
   batch_size = batch_size or config.batch_size
   batches = _bar(_as_batches(images, batch_size, config), images, batch_size, "scoring", progress)
-  log_probs = [model_lib.batch_log_probs(detector.model, replicated, b["image"], mesh) for b in batches]
+  log_probs = [runtime.batch_log_probs(detector.model, replicated, b["image"], mesh) for b in batches]
   stacked = tuple(jnp.concatenate(layer) for layer in zip(*log_probs))
   maps, scores = _maps(stacked, config.image_size, None, config.blur_sigma)
   return Scores(np.asarray(scores), np.asarray(maps))

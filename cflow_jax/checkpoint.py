@@ -218,6 +218,27 @@ def check_compatible(saved: Config, requested: Config):
                     "flags): " + "; ".join(diffs))
 
 
+def check_same_run(saved_meta: dict, config: Config | None = None, identity: dict | None = None,
+                   workdir=None):
+  """A UserError unless the checkpoint whose meta is `saved_meta` holds the run that `config` and
+  `identity` (what `save` stores as "identity": dataset, train_images, encoder_fingerprint) describe: the
+  same training images where `identity` names them, a config that trains the same model the same way
+  (`check_compatible`; skipped without `config`), the same encoder weights where both have a fingerprint.
+  The one check of "is this the same run" for resuming, reloading and re-evaluating a workdir."""
+  saved, now = saved_meta.get("identity", {}), identity or {}
+  ours = (now.get("dataset"), now.get("train_images"))
+  theirs = (saved.get("dataset"), saved.get("train_images"))
+  if None not in ours and theirs != ours:
+    raise UserError(f"{workdir} holds a run trained on {theirs[0]} ({theirs[1]} images), not on {ours[0]} "
+                    f"({ours[1]} images): use another --workdir")
+  if config is not None:
+    check_compatible(config_from_meta(saved_meta), config)
+  if saved.get("encoder_fingerprint") and now.get("encoder_fingerprint") and \
+     saved["encoder_fingerprint"] != now["encoder_fingerprint"]:
+    raise UserError(f"the encoder weights differ from those the run in {workdir} was trained with "
+                    f"({saved.get('weights')}): use another --workdir or the same --weights")
+
+
 def fingerprint(tree) -> str:
   """A short content hash of a pytree of arrays: identifies the encoder weights a run was trained with."""
   digest = hashlib.sha256()

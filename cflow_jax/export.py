@@ -127,13 +127,12 @@ class ExportedDetector:
       raise UserError(f"this detector scores {dtype} images (N, {size}, {size}, 3); got {images.dtype} "
                       f"{images.shape}")
     batch_size = min(batch_size or self.header["batch_size"], len(images))
+    from cflow_jax.runtime import pad_batch  # here, as the model code in `scoring_program`
     scores, maps = [], []
     for start in range(0, len(images), batch_size):
       x = images[start:start + batch_size]
       n = len(x)
-      if n < batch_size:
-        x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
-      s, m = self._call(self._weights, x)
+      s, m = self._call(self._weights, pad_batch(x, batch_size))
       scores.append(np.asarray(s)[:n]), maps.append(np.asarray(m)[:n])
     return np.concatenate(scores), np.concatenate(maps)
 

@@ -7,7 +7,8 @@ One decoder per tapped encoder layer. A decoder is `coupling_blocks` identical b
 
 written as distrax bijectors on fibers (events of C channels), applied to a chunk of fibers at once. Block
 parameters are stacked along a leading axis (or split into per-block tuples while training, see
-`split_blocks`) and the blocks are applied in an unrolled loop.
+`flow_speed.split_blocks`) and the blocks are applied in an unrolled loop. The subnet is one function,
+`subnet`; the forms of its matmuls that only run faster live beside this file, in `flow_speed`.
 
 Parameters are split in two pytrees: `params` (trained) and `permutations` (fixed at construction, never
 trained), both with a leading block axis.
@@ -19,6 +20,8 @@ import math
 import distrax
 import jax
 import jax.numpy as jnp
+
+from cflow_jax.flow_speed import block, dense, first_linear_rows
 
 # -C/2 ln(2 pi) per channel of the standard normal base distribution.
 _LOG_NORMALIZER = -0.5 * math.log(2.0 * math.pi)
@@ -61,53 +64,19 @@ class Permutation(distrax.Bijector):
     return x, jnp.zeros(y.shape[:-1], y.dtype)
 
 
-def _dense(x, w, dtype):
-  """x @ w with its inputs rounded to `dtype` and the products summed in float32: bfloat16 keeps ~3
-  significant digits per input and runs on the matrix units of AMX CPUs, GPUs and TPUs, faster than
-  float32 (docs/results.md). Its gradients are bfloat16 matmuls too (`_mixed_matmul`)."""
-  if jnp.dtype(dtype) == jnp.float32:
-    return x @ w
-  return _mixed_matmul(x, w, jnp.dtype(dtype))
+def subnet(block, x1, condition, dtype=jnp.float32):
+  """The coupling's subnet, the one place to change it: the coefficients (2 c2,) of the transformed half
+  from the untouched half x1 (c1,) and the fiber's condition (P,), Linear - ReLU - Linear.
 
-
-def _row_major_transpose(a):
-  """a.T of a matrix, written out. XLA folds a plain transpose into the matmul that reads it, and the
-  CPU's bfloat16 matmuls (AMX) take only untransposed row-major operands: a folded one is run in float32
-  on Eigen instead, far slower. A transpose through a unit axis is not folded."""
-  m, n = a.shape
-  return a.reshape(m, n, 1).transpose(1, 0, 2).reshape(n, m)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _mixed_matmul(x, w, dtype):
-  """x (..., a) @ w (a, b) with inputs in `dtype` and float32 sums, forward and backward.
-
-  Autodiff would transpose the product into matmuls of a float32 cotangent with the rounded operands,
-  which XLA runs in float32 after casting every weight once more; here each weight is rounded once per
-  step, and the cotangent is rounded too (as mixed-precision training does), so all three matmuls of a
-  step take the fast path. The weight's gradient is one matmul over all rows of x: apply this to whole
-  chunks of fibers (vmapped per fiber, the per-fiber gradients would be formed and summed).
+  [x1, c] @ w1 is computed as two matmuls: the condition is a constant, so the backward pass never forms
+  its gradient, and a condition shared by several fibers (vmapped over them) is projected only once.
+  `dense` and `first_linear_rows` are the plain matmul and row split of w1 unless `dtype` or the
+  parameters' layout opts into their faster forms (`flow_speed`).
   """
-  return _mixed_matmul_fwd(x, w, dtype)[0]
-
-
-def _mixed_matmul_fwd(x, w, dtype):
-  x, w = x.astype(dtype), w.astype(dtype)
-  return jnp.matmul(x, w, preferred_element_type=jnp.float32), (x, w)
-
-
-def _mixed_matmul_bwd(dtype, residuals, g):
-  x, w = residuals
-  rows = lambda a: a.reshape(-1, a.shape[-1])
-  g = rows(g).astype(dtype)
-  # dx = g w^T as (w g^T)^T: transposing the chunk's cotangent is cheaper than transposing the weight
-  # (N = 64 rows against a weight's hundreds).
-  dx = _row_major_transpose(jnp.matmul(w, _row_major_transpose(g), preferred_element_type=jnp.float32))
-  dw = jnp.matmul(_row_major_transpose(rows(x)), g, preferred_element_type=jnp.float32)
-  return dx.reshape(x.shape), dw
-
-
-_mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
+  w1_fiber, w1_condition = first_linear_rows(block["w1"], condition.shape[-1])
+  h = jax.nn.relu(dense(x1, w1_fiber, dtype) + dense(condition, w1_condition, dtype) + block["b1"])
+  # The whole coefficient vector is scaled by 0.1 for a gentle start (FrEIA).
+  return 0.1 * (dense(h, block["w2"], dtype) + block["b2"])
 
 
 def coupling_block(block, permutation, condition, clamp, dtype=jnp.float32):
@@ -119,17 +88,12 @@ def coupling_block(block, permutation, condition, clamp, dtype=jnp.float32):
     permutation: (C,) indices or (C, C) rotation.
     condition: (P,) positional code of the fiber; it enters the subnet of every block.
     clamp: alpha of the soft clamp j = alpha * tanh(s).
-    dtype: the subnet matmuls' input type (float32, or bfloat16 with float32 sums; see `_dense`).
+    dtype: the subnet matmuls' input type (float32, or bfloat16 with float32 sums; see `flow_speed.dense`).
   """
-  w1_fiber, w1_condition = first_linear_rows(block["w1"], condition.shape[-1])
-  c1 = w1_fiber.shape[0]
+  c1, _ = split_sizes(block["global_offset"].shape[-1])
 
   def conditioner(x1):
-    # [x1, c] @ w1 as two matmuls: the condition is a constant, so the backward pass never forms its
-    # gradient, and a condition shared by several fibers (vmapped over them) is projected only once.
-    h = jax.nn.relu(_dense(x1, w1_fiber, dtype) + _dense(condition, w1_condition, dtype) + block["b1"])
-    # The whole coefficient vector is scaled by 0.1 for a gentle start (FrEIA).
-    s, t = jnp.split(0.1 * (_dense(h, block["w2"], dtype) + block["b2"]), 2, axis=-1)
+    s, t = jnp.split(subnet(block, x1, condition, dtype), 2, axis=-1)
     return clamp * jnp.tanh(s), t
 
   def affine(coefficients):
@@ -156,73 +120,15 @@ def _flow(params, permutations, x, condition, clamp, inverse, dtype):
   return x, log_det
 
 
-class Blocks(tuple):
-  """One parameter's per-block arrays (`split_blocks`): a pytree node of its own, so that it is told apart
-  from the tuples a tree is built of."""
-
-
-class Rows(tuple):
-  """A first Linear's weight `w1` as (its fibers' rows, its condition's rows) (`split_blocks`)."""
-
-
-for _node in (Blocks, Rows):
-  jax.tree_util.register_pytree_node(_node, lambda b: (tuple(b), None),
-                                     lambda _, arrays, node=_node: node(arrays))
-_is_split = lambda a: isinstance(a, Blocks)
-
-
-def first_linear_rows(w1, condition_dim: int):
-  """(fiber rows, condition rows) of one block's first Linear, stored whole or as `Rows`."""
-  if isinstance(w1, Rows):
-    return tuple(w1)
-  c1 = w1.shape[-2] - condition_dim
-  return w1[..., :c1, :], w1[..., c1:, :]
-
-
-def split_blocks(tree, condition_dim: int | None = None):
-  """Block-stacked arrays (leading block axis) as `Blocks` of per-block arrays; scalars are left alone.
-  With `condition_dim`, every `w1` (parameters and Adam moments alike) is also split into its fibers' and
-  its condition's rows (`Rows`).
-
-  The training loop carries a decoder and its Adam moments so: indexing a stacked array inside a
-  compiled step copies the block out every step, and stacking the blocks' gradients copies them back,
-  two passes over every parameter per optimiser step; slicing w1's rows apart copies them every step too,
-  and their gradients are padded back to w1's shape and summed (docs/results.md has what each cost).
-  """
-  def split(path, a):
-    if not jnp.ndim(a):
-      return a
-    if condition_dim is not None and path and getattr(path[-1], "key", None) == "w1":
-      return Rows(Blocks(rows) for rows in first_linear_rows(a, condition_dim))
-    return Blocks(a)
-
-  return jax.tree_util.tree_map_with_path(split, tree)
-
-
-def stack_blocks(tree):
-  """The inverse of `split_blocks`."""
-  def stack(a):
-    if isinstance(a, Rows):
-      return jnp.concatenate([stack(rows) for rows in a], axis=-2)
-    return jnp.stack(a) if _is_split(a) else a
-
-  return jax.tree.map(stack, tree, is_leaf=lambda a: isinstance(a, (Blocks, Rows)))
-
-
-def block(tree, i: int):
-  """Block i of parameters that are block-stacked or split (`split_blocks`)."""
-  return jax.tree.map(lambda a: a[i], tree, is_leaf=_is_split)
-
-
 def num_blocks(params) -> int:
   return len(params["global_offset"])
 
 
 def _over_fibers(params, permutations, x, condition, clamp, inverse, dtype):
   """The flow on fibers x (N, C) with conditions (N, P), as matrices: each subnet Linear is one matmul
-  over the chunk, and so is its weight gradient (`_mixed_matmul`). Or on x (N, K, C) whose K fibers share
-  one condition (N, P): vmapped over N and K, where the inner vmap leaves the condition unbatched, so its
-  projection in every block is computed once per condition instead of once per fiber."""
+  over the chunk, and so is its weight gradient (`flow_speed.mixed_matmul`). Or on x (N, K, C) whose K
+  fibers share one condition (N, P): vmapped over N and K, where the inner vmap leaves the condition
+  unbatched, so its projection in every block is computed once per condition instead of once per fiber."""
   if x.ndim == 3:
     one = lambda x, c: _flow(params, permutations, x, c, clamp, inverse, dtype)
     return jax.vmap(jax.vmap(one, in_axes=(0, None)))(x, condition)

@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from cflow_jax import encoders, flow, precision, sharding
+from cflow_jax import encoders, flow, precision
 from cflow_jax.config import Config
 from cflow_jax.platforms import cpu_or_accelerator
 from cflow_jax.positional import positional_encoding
@@ -60,12 +60,6 @@ def init_decoders(model: Model, key):
 _CPU_FIBER_BLOCK = 1024
 
 
-def _cache_blocked() -> bool:
-  """Whether this process computes on the CPU: each device then loops over its own images
-  (`sharding.per_device` keeps a batch split over several devices local to each)."""
-  return jax.default_backend() == "cpu"
-
-
 def _in_blocks(fn, x, c, block: int):
   """fn(x, c) for a fn of rows (x (n, ...) and c (n, P) -> (n, ...)), computed `block` rows at a time
   (a loop), the remainder in one last call."""
@@ -79,7 +73,8 @@ def _in_blocks(fn, x, c, block: int):
   return blocks if full == n else jnp.concatenate([blocks, fn(x[full:], c[full:])])
 
 
-def _encode(model: Model, encoder_variables, images):
+def encode_images(model: Model, encoder_variables, images):
+  """uint8 RGB images (B, S, S, 3) -> tuple of feature maps (B, h, w, C), one per tap, on one device."""
   extract = functools.partial(encoders.extract, model.encoder, model.spec)
   if images.shape[0] == 1:
     return extract(encoder_variables, images)
@@ -87,14 +82,10 @@ def _encode(model: Model, encoder_variables, images):
   return cpu_or_accelerator(per_image, extract, encoder_variables, images)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames="mesh")
-def encode(model: Model, encoder_variables, images, mesh=None):
-  """uint8 RGB images (B, S, S, 3) -> tuple of feature maps (B, h, w, C), one per tap.
-
-  With a `mesh`, the images split over its devices (`sharding.shard_batch`), each device encodes its own.
-  """
-  run = sharding.per_device(functools.partial(_encode, model), mesh, images.shape[0])
-  return run(encoder_variables, images)
+@functools.partial(jax.jit, static_argnums=0)
+def encode(model: Model, encoder_variables, images):
+  """`encode_images` compiled once per batch shape (`runtime.encode` splits the batch over devices)."""
+  return encode_images(model, encoder_variables, images)
 
 
 def fibers_and_condition(features, condition_dim):
@@ -137,41 +128,12 @@ def layer_log_probs(model: Model, params, permutations, features, block_images: 
 def local_log_probs(model: Model, encoder_variables, params, permutations, images,
                     block_images: int | None = None):
   """uint8 images -> per-layer log p / C maps on one device: the encoder, then the flows."""
-  features = _encode(model, encoder_variables, images)
+  features = encode_images(model, encoder_variables, images)
   return layer_log_probs(model, params, permutations, features, block_images)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames="mesh")
-def image_log_probs(model: Model, encoder_variables, params, permutations, images, mesh=None):
-  """uint8 images -> per-layer log p / C maps: the whole scoring forward pass, compiled once per batch shape.
-
-  With a `mesh`, the images split over its devices and the rest replicated, each device scores its own.
-  """
-  run = sharding.per_device(functools.partial(local_log_probs, model), mesh, images.shape[0])
-  return run(encoder_variables, params, permutations, images)
-
-
-def batch_log_probs(model: Model, replicated, images, mesh):
-  """`image_log_probs` of a host batch, split over the mesh; `replicated` = (encoder_variables, params,
-  permutations), placed on all of its devices by `sharding.replicate`.
-
-  On a CPU split into several devices the result is gathered onto the first device. Each of them works
-  through its own queue there, at its own pace; a maximum over a batch split across them is a collective,
-  and one that waits more than 40 s for the slowest queue aborts the process (XLA:CPU's rendezvous
-  timeout, hit after minutes of scoring). A copy to one device just waits.
-  On several processes they are gathered onto every device instead, so that each process can read them
-  (each computed only its own share of the batch)."""
-  log_probs = image_log_probs(model, *replicated, sharding.shard_batch(images, mesh), mesh=mesh)
-  if jax.process_count() > 1:
-    return sharding.replicate_computed(log_probs, mesh)
-  return jax.device_put(log_probs, mesh.devices.flat[0]) if _gathered(mesh) else log_probs
-
-
-def _gathered(mesh) -> bool:
-  return _cache_blocked() and mesh.size > 1 and jax.process_count() == 1
-
-
-def beside_log_probs(tree, mesh):
-  """`tree` (normalisation constants) placed where `batch_log_probs` leaves its results: on their one
-  device on a split CPU, else replicated over the mesh."""
-  return jax.device_put(tree, mesh.devices.flat[0]) if _gathered(mesh) else sharding.replicate(tree, mesh)
+@functools.partial(jax.jit, static_argnums=0)
+def image_log_probs(model: Model, encoder_variables, params, permutations, images):
+  """uint8 images -> per-layer log p / C maps: the whole scoring forward pass, compiled once per batch shape
+  (`runtime.image_log_probs` splits the batch over devices)."""
+  return local_log_probs(model, encoder_variables, params, permutations, images)

@@ -8,14 +8,11 @@ does not apply, since a stacked step needs the same batch shape for every catego
 written: use `fit` per category for long, resumable runs.
 """
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
-from cflow_jax import api, model as model_lib, train
+from cflow_jax import api, model as model_lib, train, train_step
 from cflow_jax.config import Config
 from cflow_jax.errors import UserError
 
@@ -44,38 +41,37 @@ def fit_many(config: Config, train_sets: dict, *, encoder_variables=None, progre
     raise UserError("a training set is empty: each category needs defect-free images in train/good")
   k = len(names)
   schedule, total_batches = train.learning_rate(config), config.epochs * batches_per_epoch
-  steps = [train.chunks_per_batch(batch_size * h * h, config) for h in model.feature_sizes()]
-  one = train.init_state(model, jax.random.key(config.seed))
-  params, opt_states = _stack([one.params] * k), _stack([one.opt_states] * k)
-  permutations = _stack([one.permutations] * k)
-  step = jax.jit(jax.vmap(train.train_batch_fn(model), in_axes=(0, 0, 0, 0, 0, None)), donate_argnums=(0, 1))
+  steps = [train_step.chunks_per_batch(batch_size * h * h, config) for h in model.feature_sizes()]
+  decoders = _stack([train_step.init_decoders(model, jax.random.key(config.seed))] * k)
+  step = jax.jit(jax.vmap(train_step.train_batch_fn(config), in_axes=(0, 0, 0, None)), donate_argnums=0)
 
-  history = {"epoch_seconds": [], "epoch_loss": [], "fibers_per_epoch":
-             k * batches_per_epoch * sum(batch_size * h * h for h in model.feature_sizes())}
-  bar = tqdm(total=config.epochs * batches_per_epoch, disable=not progress, unit="batch")
-  for epoch in range(config.epochs):
-    began, losses = time.perf_counter(), []
+  fibers = k * batch_size * sum(h * h for h in model.feature_sizes())
+
+  def batches(epoch):
     streams = [api.input_batches(config, train_sets[n], batch_size, seed=config.seed, epoch=epoch,
                                  rotation=config.rotation, drop_remainder=True) for n in names]
-    for b in range(batches_per_epoch):
-      images = np.concatenate([next(s)["image"] for s in streams])  # (K*B, S, S, 3)
-      features = model_lib.encode(model, encoder_variables, images)
-      features = tuple(f.reshape((k, batch_size) + f.shape[1:]) for f in features)
-      keys = jnp.stack([train.batch_key(config.seed, epoch, b)] * k)
-      progress = epoch * batches_per_epoch + b
-      lr = tuple(train.chunk_rates(schedule, progress, total_batches, n, n) for n in steps)
-      params, opt_states, layer_losses = step(params, opt_states, permutations, features, keys, lr)
-      losses.append(float(np.mean([np.mean(l) for l in layer_losses])))
-      bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}")
-      bar.update()
-    for s in streams:
-      s.close()
-    history["epoch_seconds"].append(time.perf_counter() - began)
-    history["epoch_loss"].append(float(np.mean(losses)))
-  bar.close()
+    try:
+      for _ in range(batches_per_epoch):
+        yield np.concatenate([next(s)["image"] for s in streams])  # (K*B, S, S, 3)
+    finally:
+      for s in streams:
+        s.close()
+
+  def dispatch(epoch, b, images):
+    nonlocal decoders
+    features = model_lib.encode(model, encoder_variables, images)
+    features = tuple(f.reshape((k, batch_size) + f.shape[1:]) for f in features)
+    keys = jnp.stack([train.batch_key(config.seed, epoch, b)] * k)
+    done = epoch * batches_per_epoch + b
+    lr = tuple(train.chunk_rates(schedule, done, total_batches, n, n) for n in steps)
+    decoders, layer_losses = step(decoders, features, keys, lr)
+    return layer_losses, fibers, (None,) * len(steps)
+
+  history = train.epoch_loop(model, batches, dispatch, batches_per_epoch, progress=progress, categories=names)
 
   detectors = {}
-  for name, p, q in zip(names, _unstack(params, k), _unstack(permutations, k)):
+  for name, ds in zip(names, _unstack(decoders, k)):
+    p, q = tuple(d.params for d in ds), tuple(d.permutations for d in ds)
     normalization = api.fixed_normalization(model, encoder_variables, p, q, train_sets[name])
     detectors[name] = api.Detector(model, encoder_variables, p, q, normalization, dict(history))
   return detectors

@@ -1,15 +1,12 @@
-"""Training the decoders (docs/design.md section 6): fibers, chunks, optax Adam with the reference schedule.
+"""Training the decoders (docs/design.md section 6): the schedule, the epoch loop, checkpoints, normalisation.
 
-Per image batch the frozen encoder runs once; then, per tapped layer, all B*h*w fibers and their positional
-codes are shuffled jointly with an explicit key and cut into chunks of N, one Adam step per chunk. A layer's
-whole chunk loop is one compiled function (`make_train_layer`): a `lax.scan`, traced once per feature
-shape, so Python runs once per image batch and layer rather than once per optimiser step. The layers'
-loops are dispatched one after the other and run concurrently where their decoders sit on different
-devices (`sharding.train_layout`).
+Per image batch the frozen encoder runs once; then each tapped layer's decoder takes its chunk loop
+(`train_step`, pure), compiled once per feature shape (`make_train_layer`), so Python runs once per image
+batch and layer rather than once per optimiser step. The layers' loops are dispatched one after the other
+and run concurrently where their decoders sit on different devices (`runtime.train_layout`).
 
-Each decoder has its own Adam state (PyTorch 2's behaviour for one optimiser over all decoders: a decoder
-that got no gradient this step does not move). The learning rates of an image batch's steps are an
-argument of its call, taken from the schedule on the host (`chunk_rates`): new rates do not recompile.
+The learning rates of an image batch's steps are an argument of its call, taken from the schedule on the
+host (`chunk_rates`): new rates do not recompile.
 """
 
 import functools
@@ -19,10 +16,11 @@ from typing import Callable, Iterable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm.auto import tqdm
 
-from cflow_jax import checkpoint, flow, model as model_lib, precision, sharding
+from cflow_jax import checkpoint, flow, runtime
+from cflow_jax.train_step import (DecoderState, chunks_per_batch, init_decoders, layer_keys, per_layer,
+                                  train_layer_fn)
 from cflow_jax.anomaly_map import Normalization, batch_layer_max, likelihood_map
 from cflow_jax.config import Config
 from cflow_jax.errors import UserError
@@ -70,150 +68,18 @@ def chunk_rates(schedule, batch: int, total_batches: int, steps: int, compiled_s
   return np.pad(rates, (0, compiled_steps - steps))
 
 
-def chunks_per_batch(n_fibers: int, config: Config) -> int:
-  """Optimiser steps a layer takes per image batch of n_fibers fibers."""
-  return max(n_fibers // config.fiber_batch, 1)
-
-
-def make_optimizer() -> optax.GradientTransformation:
-  """Adam's scaling of the gradients (the learning rate is applied per image batch, see `train_batch_fn`);
-  its moments and step count advance per chunk, as PyTorch's Adam does per `step()`."""
-  return optax.scale_by_adam()
-
-
-def _chunk_indices(key, n: int, config: Config, valid=None):
-  """A joint shuffle of n fibers cut into chunks: (main (K, N), last or None).
-
-  With `drop_remainder` the n mod N leftover fibers are skipped (the original); otherwise the last chunk
-  takes them (anomalib), so it is longer than N and gets its own step. With `valid` (traced) only the
-  first `valid` fibers are real (a short batch padded to the compiled shape, see `padded_chunks`): the
-  shuffle puts them first, in the order it gives them, and the steps past them are skipped.
-  """
-  order = jax.random.permutation(key, n)
-  if valid is not None:
-    order = order[jnp.argsort(order >= valid, stable=True)]
-  size = min(config.fiber_batch, n)
-  k = chunks_per_batch(n, config)
-  if config.drop_remainder or n % size == 0:
-    return order[:k * size].reshape(k, size), None
-  return order[:(k - 1) * size].reshape(k - 1, size), order[(k - 1) * size:]
-
-
-def train_layer_fn(model, mesh=None):
-  """The pure function train_layer(params, opt_state, permutations, features, key, lr)
-  -> (params, opt_state, losses): one decoder's chunk loop over one image batch's features (B, h, w, C) of
-  its layer; `losses` holds the loss of every chunk. `lr` is the learning rate of each chunk's step,
-  (chunks,) as `chunk_rates` gives them, or one scalar for all (traced: new values do not recompile).
-
-  With a `mesh` of several devices each chunk's fibers are split over them (data parallelism; XLA
-  all-reduces the gradients).
-  """
-  config = model.config
-  optimizer = make_optimizer()
-
-  def train_layer(params, opt_state, permutations, features, key, lr, valid_images=None):
-    fibers, condition = model_lib.fibers_and_condition(features, config.condition_dim)
-    b, h, w, _ = features.shape
-    channels = fibers.shape[-1]
-    # The chunk loop carries every block's arrays separately (see flow.split_blocks).
-    permutations = flow.split_blocks(permutations)
-
-    def loss_fn(p, idx):
-      x = sharding.constrain_fibers(fibers[idx], mesh)
-      c = sharding.constrain_fibers(condition[idx], mesh)
-      log_p = precision.with_matmul_dtype(
-          lambda dtype, x, c: flow.log_prob(p, permutations, x, c, config.clamp, dtype), config.train_dtype,
-          x, c)
-      return flow.nll_loss(log_p, channels)
-
-    loss_and_grads = jax.value_and_grad(loss_fn)
-
-    def update(p, s, grads, rate):
-      updates, s = optimizer.update(grads, s, p)
-      return optax.apply_updates(p, jax.tree.map(lambda u: -rate * u, updates)), s
-
-    # Each step in the loop applies the previous step's gradient (at that step's rate), then takes its
-    # own, so the weights its matmuls read are written only by the next step's update. Updating after the
-    # backward pass made XLA copy every weight at the start of each step (an in-place update is not
-    # ordered after the backward matmuls that read the weight without feeding its own gradient). The
-    # first gradient is taken before the loop and the last one applied after it.
-    def step(carry, chunk):
-      p, s, grads, rate = carry
-      idx, next_rate = chunk
-      p, s = update(p, s, grads, rate)
-      loss, grads = loss_and_grads(p, idx)
-      return (p, s, grads, next_rate), loss
-
-    p, s = flow.split_blocks((params, opt_state), config.condition_dim)
-    # With a traced count of real images, full and padded short batches share one compiled program.
-    valid = None if valid_images is None else valid_images * h * w
-    main, last = _chunk_indices(key, fibers.shape[0], config, valid)
-    if not len(main):  # a single chunk, longer than N (never padded: `padded_chunks`)
-      main, last = last[None], None
-    rates = jnp.broadcast_to(jnp.asarray(lr, jnp.float32), (len(main) + (last is not None),))
-    first_loss, grads = loss_and_grads(p, main[0])
-    carry = (p, s, grads, rates[0])
-    if valid is None:
-      carry, losses = jax.lax.scan(step, carry, (main[1:], rates[1:len(main)]))
-      losses = jnp.concatenate([first_loss[None], losses])
-    else:
-      def body(i, loop):
-        carry, losses = loop
-        carry, loss = step(carry, (main[i], rates[i]))
-        return carry, losses.at[i].set(loss)
-
-      steps = jnp.maximum(valid // main.shape[1], 1)
-      losses = jnp.zeros(len(main)).at[0].set(first_loss)
-      carry, losses = jax.lax.fori_loop(1, steps, body, (carry, losses))
-    if last is not None:
-      full = True if valid_images is None else valid_images == b
-      carry, last_loss = jax.lax.cond(full, step, lambda c, _: (c, jnp.zeros(())), carry,
-                                      (last, rates[-1]))
-      losses = jnp.concatenate([losses, last_loss[None]])
-    params, opt_state = flow.stack_blocks(update(*carry))
-    return params, opt_state, losses
-
-  return train_layer
-
-
-def layer_keys(key, layers: int):
-  """The shuffle key of each layer's fibers, from an image batch's key."""
-  return jax.random.split(key, layers)
-
-
-def per_layer(lr, layers: int) -> tuple:
-  """Learning rates as a tuple over layers: `lr` already is one (each layer's `chunk_rates`), or one
-  scalar for every step of every layer."""
-  return lr if isinstance(lr, tuple) else (lr,) * layers
-
-
-def train_batch_fn(model, mesh=None):
-  """The pure function train_batch(params, opt_states, permutations, features, key, lr)
-  -> (params, opt_states, losses): `train_layer_fn` for every layer, as one function (tuples over layers;
-  `lr` as `per_layer` takes it)."""
-  train_layer = train_layer_fn(model, mesh)
-
-  def train_batch(params, opt_states, permutations, features, key, lr):
-    keys = layer_keys(key, len(features))
-    out = [train_layer(*args) for args in zip(params, opt_states, permutations, features, keys,
-                                              per_layer(lr, len(features)))]
-    return tuple(o[0] for o in out), tuple(o[1] for o in out), tuple(o[2] for o in out)
-
-  return train_batch
-
-
 @functools.lru_cache(maxsize=8)
 def make_train_layer(model, mesh=None):
-  """`train_layer_fn` jitted, with parameters and optimiser state donated and the key passed as its raw
-  data (see `layer_key_data`): compiled once per layer shape (and device). Cached, so runs with the same
-  config share the compilations."""
-  train_layer = train_layer_fn(model, mesh)
+  """`train_step.train_layer_fn` jitted, with the decoder's state donated and the key passed as its raw
+  data (see `layer_key_data`): compiled once per layer shape (and device). With a `mesh` of several
+  devices each chunk's fibers are split over them (data parallelism; XLA all-reduces the gradients).
+  Cached, so runs with the same config share the compilations."""
+  train_layer = train_layer_fn(model.config, lambda x: runtime.constrain_fibers(x, mesh))
 
-  def from_key_data(params, opt_state, permutations, features, key_data, lr, valid_images):
-    return train_layer(params, opt_state, permutations, features, jax.random.wrap_key_data(key_data), lr,
-                       valid_images)
+  def from_key_data(decoder, features, key_data, lr, valid_images):
+    return train_layer(decoder, features, jax.random.wrap_key_data(key_data), lr, valid_images)
 
-  return jax.jit(from_key_data, donate_argnums=(0, 1))
+  return jax.jit(from_key_data, donate_argnums=0)
 
 
 def layer_key_data(key, layers: int) -> np.ndarray:
@@ -222,9 +88,10 @@ def layer_key_data(key, layers: int) -> np.ndarray:
   return np.asarray(jax.random.key_data(layer_keys(key, layers)))
 
 
-def train_batch(model, layout: sharding.Layout, params, opt_states, permutations, features, key_data, lr,
+def train_batch(model, layout: runtime.Layout, decoders, features, key_data, lr,
                 valid_images: int | None = None):
-  """One image batch for every decoder: (params, opt_states, losses), tuples over layers; `key_data` from
+  """One image batch for every decoder: (decoders, losses), tuples over layers of `DecoderState`s (used up:
+  donated) and of each chunk's loss; `key_data` from
   `layer_key_data`, `lr` host data as `per_layer` takes it; `valid_images`: how many of the batch's images
   are real (a short batch padded to the compiled shape, `padded_chunks`; default all). Losses of skipped
   steps are zeros after the real ones.
@@ -236,10 +103,9 @@ def train_batch(model, layout: sharding.Layout, params, opt_states, permutations
   valid = np.int32(features[0].shape[0] if valid_images is None else valid_images)
   out = []
   rates = per_layer(lr, len(features))
-  for layer, (p, s, q, f, k, r) in enumerate(zip(params, opt_states, permutations, features, key_data,
-                                                 rates)):
-    out.append(step(p, s, q, layout.put_step_input(layer, f), k, r, valid))
-  return tuple(o[0] for o in out), tuple(o[1] for o in out), tuple(o[2] for o in out)
+  for layer, (d, f, k, r) in enumerate(zip(decoders, features, key_data, rates)):
+    out.append(step(d, layout.put_step_input(layer, f), k, r, valid))
+  return tuple(o[0] for o in out), tuple(o[1] for o in out)
 
 
 def padded_chunks(model, valid_images: int, batch_size: int) -> tuple[int, ...] | None:
@@ -267,19 +133,27 @@ def layer_costs(model) -> tuple[float, ...]:
 
 
 class TrainState(NamedTuple):
-  """Everything a run saves and resumes from."""
+  """Everything a run saves and resumes from: the decoders' states (`decoders`), kept as one tuple over
+  layers per field, the layout of every checkpoint written so far, and the normalisation."""
   params: tuple
   opt_states: tuple
   permutations: tuple
   normalization: Normalization
 
+  @property
+  def decoders(self) -> tuple[DecoderState, ...]:
+    return tuple(DecoderState(*d) for d in zip(self.params, self.opt_states, self.permutations))
+
+  def with_decoders(self, decoders) -> "TrainState":
+    return self._replace(params=tuple(d.params for d in decoders),
+                         opt_states=tuple(d.opt_state for d in decoders),
+                         permutations=tuple(d.permutations for d in decoders))
+
 
 def init_state(model, key) -> TrainState:
-  params, permutations = model_lib.init_decoders(model, key)
-  opt_states = tuple(make_optimizer().init(p) for p in params)
-  layers = len(params)
-  return TrainState(params, opt_states, permutations,
-                    Normalization(jnp.zeros((layers,)), jnp.zeros(())))
+  decoders = init_decoders(model, key)
+  layers = len(decoders)
+  return TrainState((), (), (), Normalization(jnp.zeros((layers,)), jnp.zeros(()))).with_decoders(decoders)
 
 
 def batch_key(seed: int, epoch: int, batch: int):
@@ -291,7 +165,7 @@ def batch_key(seed: int, epoch: int, batch: int):
 def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.ndarray]],
         batches_per_epoch: int, *, workdir=None, meta: dict | None = None,
         progress: bool = True, log: Callable[[str], None] = print,
-        layout: sharding.Layout | None = None) -> tuple[TrainState, dict]:
+        layout: runtime.Layout | None = None) -> tuple[TrainState, dict]:
   """Trains the decoders; returns (state, history).
 
   Args:
@@ -302,8 +176,8 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
       counts image batches); the last may be shorter than the others.
     workdir: if given, a checkpoint is written after every epoch and an existing one is resumed.
     meta: JSON-able identity saved with each checkpoint (encoder weights, dataset).
-    layout: where the work runs (default `sharding.train_layout`: the decoders side by side on a CPU split
-      into several devices, else data parallelism over all devices); `sharding.Layout(mesh)` is data
+    layout: where the work runs (default `runtime.train_layout`: the decoders side by side on a CPU split
+      into several devices, else data parallelism over all devices); `runtime.Layout(mesh)` is data
       parallelism over that mesh.
   """
   config = model.config
@@ -319,80 +193,104 @@ def fit(model, encoder_variables, train_batches: Callable[[int], Iterable[np.nda
     if start:
       log(f"resuming from the checkpoint after epoch {start} in {workdir}")
 
-  layout = sharding.train_layout(layer_costs(model)) if layout is None else layout
-  state = _place(state, layout)
-  encoder_variables = sharding.replicate(encoder_variables, layout.mesh)
+  layout = runtime.train_layout(layer_costs(model)) if layout is None else layout
+  state = runtime.place_state(state, layout)
+  encoder_variables = runtime.replicate(encoder_variables, layout.mesh)
+  layers, keys, full = len(model.channels), [], None
+
+  def dispatch(epoch, b, images):
+    nonlocal state, keys, full
+    if b == 0:
+      # Every batch's keys on the host, made while the devices are idle: made later on a device, they
+      # would wait there behind the previous batch's steps and hold back the other devices.
+      keys = [layer_key_data(batch_key(config.seed, epoch, i), layers) for i in range(batches_per_epoch)]
+    cached = isinstance(images, tuple)  # features
+    valid = len(images[0] if cached else images)
+    full = valid if b == 0 else full  # the epoch's batches' size (only the last may be shorter)
+    real = padded_chunks(model, valid, full) if valid < full else None
+    if real is not None:
+      # A short last batch, padded with zeros to the others' size, reuses their compiled programs.
+      pad = lambda x: runtime.pad_batch(x, full)
+      images = tuple(map(pad, images)) if cached else pad(images)
+    else:
+      real = (None,) * layers  # every loss is real
+    steps = [chunks_per_batch(len(images[0] if cached else images) * h * h, config)
+             for h in model.feature_sizes()]
+    rates = tuple(chunk_rates(schedule, epoch * batches_per_epoch + b, total_batches, k or n, n)
+                  for k, n in zip(real, steps))
+    if cached:
+      features = tuple(layout.put_images(f) for f in images)
+    else:
+      features = runtime.encode(model, encoder_variables, layout.put_images(images), mesh=layout.mesh)
+    decoders, layer_losses = train_batch(model, layout, state.decoders, features, keys[b], rates, valid)
+    state = state.with_decoders(decoders)
+    return layer_losses, valid * sum(f.shape[1] * f.shape[2] for f in features), real
+
+  def end_epoch(epoch, history):
+    if workdir is not None:
+      checkpoint.save(workdir, state, _meta(config, meta, epoch + 1, history))
+
+  history = epoch_loop(model, train_batches, dispatch, batches_per_epoch, start=start, history=history,
+                       end_epoch=end_epoch, workdir=workdir, progress=progress)
+  # Scoring splits image batches over the data mesh, with every decoder on all of its devices.
+  return runtime.replicate(state, layout.mesh), history
+
+
+def epoch_loop(model, batches: Callable[[int], Iterable], dispatch: Callable, batches_per_epoch: int, *,
+               start: int = 0, history: dict | None = None, end_epoch: Callable | None = None, workdir=None,
+               progress: bool = True, categories: list | None = None) -> dict:
+  """The epoch loop that `fit` and `multi.fit_many` share: epochs from `start` (a resumed run's), the
+  progress bar, each batch's losses checked for NaN, the history; returns the history.
+
+  Args:
+    batches: epoch -> iterable of batches, handed to `dispatch` as they come.
+    dispatch: (epoch, index, batch) -> (losses per layer, fibers trained, real steps per layer or None
+      each): queues the batch's steps and returns at once; its losses are read only once the next batch
+      is queued, so that the devices do not idle on Python between batches.
+    history: a resumed run's, continued.
+    end_epoch: (epoch, history) after each epoch (where `fit` writes its checkpoint).
+    workdir: named in the message of a run stopped by a NaN loss.
+    categories: with decoders stacked over categories (losses (K, steps)), their names, for that message.
+  """
+  config = model.config
+  history = history or {"epoch_loss": [], "epoch_seconds": [], "fibers_per_epoch": 0}
   bar = tqdm(total=config.epochs * batches_per_epoch, initial=start * batches_per_epoch, desc="training",
              disable=not progress, unit="batch", dynamic_ncols=True)
-  layers = len(model.channels)
+  finish = lambda pending, losses, epoch: _finish(pending, losses, model, epoch, workdir, categories)
   for epoch in range(start, config.epochs):
     began, losses, fibers, pending = time.perf_counter(), [], 0, None
-    # Every batch's keys on the host, made while the devices are idle: made later on a device, they would
-    # wait there behind the previous batch's steps and hold back the other devices.
-    keys = [layer_key_data(batch_key(config.seed, epoch, b), layers) for b in range(batches_per_epoch)]
-    for b, images in enumerate(train_batches(epoch)):
-      cached = isinstance(images, tuple)  # features
-      valid = len(images[0] if cached else images)
-      full = valid if b == 0 else full  # the epoch's batches' size (only the last may be shorter)
-      real = padded_chunks(model, valid, full) if valid < full else None
-      if real is not None:
-        # A short last batch, padded with zeros to the others' size, reuses their compiled programs.
-        pad = lambda x: sharding.pad_batch(x, full)
-        images = tuple(map(pad, images)) if cached else pad(images)
-      else:
-        real = (None,) * layers  # every loss is real
-      steps = [chunks_per_batch(len(images[0] if cached else images) * h * h, config)
-               for h in model.feature_sizes()]
-      rates = tuple(chunk_rates(schedule, epoch * batches_per_epoch + b, total_batches, k or n, n)
-                    for k, n in zip(real, steps))
-      if cached:
-        features = tuple(layout.put_images(f) for f in images)
-      else:
-        features = model_lib.encode(model, encoder_variables, layout.put_images(images), mesh=layout.mesh)
-      params, opt_states, layer_losses = train_batch(model, layout, state.params, state.opt_states,
-                                                     state.permutations, features, keys[b], rates, valid)
-      state = state._replace(params=params, opt_states=opt_states)
-      # Wait for the previous batch only now: with this batch already queued, the devices do not idle
-      # on Python between batches.
+    for b, batch in enumerate(batches(epoch)):
+      dispatched = (b,) + tuple(dispatch(epoch, b, batch))
       if pending is not None:
-        fibers += _finish(pending, losses, model, epoch, workdir)
+        fibers += finish(pending, losses, epoch)
         bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}",
                         fibers_s=f"{fibers / max(time.perf_counter() - began, 1e-9):,.0f}")
-      pending = (b, layer_losses, valid * sum(f.shape[1] * f.shape[2] for f in features), real)
+      pending = dispatched
       bar.update()
     if pending is not None:
-      fibers += _finish(pending, losses, model, epoch, workdir)
+      fibers += finish(pending, losses, epoch)
     history["epoch_loss"].append(float(np.mean(losses)) if losses else float("nan"))
     history["epoch_seconds"].append(time.perf_counter() - began)
     history["fibers_per_epoch"] = fibers
-    if workdir is not None:
-      checkpoint.save(workdir, state, _meta(config, meta, epoch + 1, history))
+    if end_epoch is not None:
+      end_epoch(epoch, history)
   bar.close()
-  # Scoring splits image batches over the data mesh, with every decoder on all of its devices.
-  return sharding.replicate(state, layout.mesh), history
+  return history
 
 
 def _resumable(workdir, step, like_state, config, meta):
   """(state, meta) of checkpoint `step`, once its run is known to be this one continued."""
   saved_meta = checkpoint.read_meta(workdir, step)
-  checkpoint.check_compatible(checkpoint.config_from_meta(saved_meta), config)
-  _check_same_encoder(saved_meta, meta)
+  checkpoint.check_same_run(saved_meta, config, meta, workdir)
   return checkpoint.restore(workdir, like_state, step)
 
 
-def _place(state: TrainState, layout: sharding.Layout) -> TrainState:
-  """Each decoder's parameters, optimiser state and permutations where the layout trains it."""
-  per_layer = lambda trees: tuple(layout.put_decoder(l, t) for l, t in enumerate(trees))
-  return TrainState(per_layer(state.params), per_layer(state.opt_states), per_layer(state.permutations),
-                    sharding.replicate(state.normalization, layout.mesh))
-
-
-def _finish(pending, losses: list, model, epoch, workdir) -> int:
-  """Waits for a dispatched image batch (index, per-layer losses, fibers), appends its mean loss to
-  `losses` and returns its fiber count; stops the run if any loss is not finite."""
+def _finish(pending, losses: list, model, epoch, workdir, categories=None) -> int:
+  """Waits for a dispatched image batch (index, per-layer losses, fibers, real steps), appends its mean
+  loss to `losses` and returns its fiber count; stops the run if any loss is not finite."""
   batch, layer_losses, fibers, real = pending
-  layer_losses = [np.asarray(l)[:k] for l, k in zip(layer_losses, real)]
-  _check_finite(layer_losses, model, epoch, batch, workdir)
+  layer_losses = [np.asarray(l)[..., :k] for l, k in zip(layer_losses, real)]
+  _check_finite(layer_losses, model, epoch, batch, workdir, categories)
   losses.append(float(np.mean([l.mean() for l in layer_losses])))
   return fibers
 
@@ -402,23 +300,20 @@ def _meta(config, meta, epoch, history, normalized=False):
           "normalized": normalized}
 
 
-def _check_same_encoder(saved_meta, meta):
-  saved, now = saved_meta.get("identity", {}), meta or {}
-  if saved.get("encoder_fingerprint") and now.get("encoder_fingerprint") and \
-     saved["encoder_fingerprint"] != now["encoder_fingerprint"]:
-    raise UserError(f"the workdir's run used other encoder weights ({saved.get('weights')}); "
-                    f"use another --workdir or the same --weights")
-
-
-def _check_finite(layer_losses, model, epoch, batch, workdir):
+def _check_finite(layer_losses, model, epoch, batch, workdir, categories=None):
+  """A TrainingDiverged naming the first non-finite loss: its chunk (the last axis) and layer, and its
+  category where `categories` name the leading axis of stacked decoders."""
   for layer, losses in enumerate(layer_losses):
-    bad = np.flatnonzero(~np.isfinite(losses))
-    if bad.size:
+    bad = np.argwhere(~np.isfinite(losses))
+    if len(bad):
+      first = tuple(bad[0])
       kept = (f"the last good checkpoint in {workdir} is kept" if workdir is not None
               else "no checkpoint was being written")
+      category = f", category {categories[first[0]]}" if categories else ""
       raise TrainingDiverged(
-          f"loss became {losses[bad[0]]} at epoch {epoch + 1}, image batch {batch + 1}, chunk {bad[0] + 1}, "
-          f"layer {model.spec.taps[layer]}; {kept}. Try a lower --lr or check the input data.")
+          f"loss became {losses[first]} at epoch {epoch + 1}, image batch {batch + 1}, "
+          f"chunk {first[-1] + 1}, layer {model.spec.taps[layer]}{category}; {kept}. "
+          "Try a lower --lr or check the input data.")
 
 
 def unset_normalization(layers: int) -> Normalization:
@@ -432,11 +327,11 @@ def fit_normalization(model, encoder_variables, params, permutations, batches: I
   """Fixed normalisation constants from (training) images: per-layer max of log p / C and the max of the
   likelihood map, so that later scores do not depend on which images are scored together. The batches
   are split over the `mesh` (default: all devices)."""
-  mesh = sharding.data_mesh() if mesh is None else mesh
-  replicated = sharding.replicate((encoder_variables, params, permutations), mesh)
+  mesh = runtime.data_mesh() if mesh is None else mesh
+  replicated = runtime.replicate((encoder_variables, params, permutations), mesh)
   log_probs = []
   for images in batches:
-    log_probs.append(model_lib.batch_log_probs(model, replicated, images, mesh))
+    log_probs.append(runtime.batch_log_probs(model, replicated, images, mesh))
     if len(log_probs) > 1:
       # One batch in flight at a time: a progress bar over `batches` then counts finished work, and the
       # device still never waits for the host.

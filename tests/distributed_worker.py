@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import cflow_jax as cf  # noqa: E402
 from cflow_jax import encoders  # noqa: E402
 
-# Which rows of each image batch this process hands to JAX: its own slice, `sharding.shard_batch`.
+# Which rows of each image batch this process hands to JAX: its own slice, `runtime.shard_batch`.
 reads = []
 make_array = jax.make_array_from_process_local_data
 

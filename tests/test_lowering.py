@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 import cflow_jax as cf
-from cflow_jax import encoders, model as model_lib, train
+from cflow_jax import encoders, model as model_lib, train, train_step
 from cflow_jax.config import BACKBONES
 from cflow_jax.export import scoring_program
 
@@ -37,10 +37,9 @@ def train_layer_args(model, layer: int):
   batch, size = model.config.batch_size, model.feature_sizes()[layer]
   features = jax.ShapeDtypeStruct((batch, size, size, model.channels[layer]), jnp.float32)
   key_data = jax.ShapeDtypeStruct((2,), jnp.uint32)  # `train.layer_key_data`'s row
-  lr = jax.ShapeDtypeStruct((train.chunks_per_batch(batch * size * size, model.config),), jnp.float32)
+  lr = jax.ShapeDtypeStruct((train_step.chunks_per_batch(batch * size * size, model.config),), jnp.float32)
   valid_images = jax.ShapeDtypeStruct((), jnp.int32)
-  return (state.params[layer], state.opt_states[layer], state.permutations[layer], features, key_data, lr,
-          valid_images)
+  return state.decoders[layer], features, key_data, lr, valid_images
 
 
 def scoring_weights(model):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cflow_jax import model as model_lib, precision, train
+from cflow_jax import model as model_lib, precision, train, train_step
 from cflow_jax.config import Config
 
 # /proc/cpuinfo's layout: one "flags" line per core among other fields.
@@ -69,9 +69,8 @@ def test_training_with_auto_takes_the_type_auto_resolves_to(monkeypatch, tmp_pat
       layer = len(model.channels) - 1
       size, channels = model.feature_sizes()[layer], model.channels[layer]
       features = jax.random.normal(jax.random.key(1), (1, size, size, channels))
-      step = jax.jit(train.train_layer_fn(model))  # "auto" resolves when this traces
-      out = step(state.params[layer], state.opt_states[layer], state.permutations[layer], features,
-                 jax.random.key(2), np.float32(1e-3))
-      losses[name] = np.asarray(out[2])
+      step = jax.jit(train_step.train_layer_fn(config))  # "auto" resolves when this traces
+      _, layer_losses = step(state.decoders[layer], features, jax.random.key(2), np.float32(1e-3))
+      losses[name] = np.asarray(layer_losses)
     np.testing.assert_array_equal(losses["auto"], losses[picked.name])
   assert not np.array_equal(losses["float32"], losses["bfloat16"])  # the two CPUs trained differently

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow  # a subprocess that compiles everything for eight
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     import cflow_jax as cf
-    from cflow_jax import encoders, model as model_lib, sharding, train
+    from cflow_jax import encoders, model as model_lib, runtime, train
     from cflow_jax.config import Config
     assert jax.device_count() == 8, jax.devices()
     config = Config(backbone="resnet18", image_size=64, coupling_blocks=2, fiber_batch=32, batch_size=8,
@@ -30,19 +30,19 @@ SCRIPT = textwrap.dedent("""
     initial = model_lib.init_decoders(model, jax.random.key(config.seed))[0]
     norm = lambda tree: float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree))))
     minus = lambda a, b: jax.tree.map(lambda x, y: np.asarray(x) - np.asarray(y), a, b)
-    single = run(sharding.Layout(sharding.data_mesh(jax.devices()[:1])))
+    single = run(runtime.Layout(runtime.data_mesh(jax.devices()[:1])))
     moved = norm(minus(single.params, initial))
     assert moved > 1e-2, moved  # training really changed the parameters
 
     # Data parallel: the same training up to the order of the gradient sums. Compared by norm: Adam turns
     # float-level differences of near-zero gradients into visible ones on a few weights.
-    data_parallel = run(sharding.Layout(sharding.data_mesh()))
+    data_parallel = run(runtime.Layout(runtime.data_mesh()))
     diff = norm(minus(data_parallel.params, single.params)) / moved
     print("data parallel: difference / movement", diff)
     assert diff < 1e-3, diff
 
     # Side by side: each decoder's steps are the single-device ones, on another device: bitwise equal.
-    side_by_side = sharding.train_layout(train.layer_costs(model))
+    side_by_side = runtime.train_layout(train.layer_costs(model))
     assert len({d.device_set.pop() for d in side_by_side.decoders}) == 3  # a device per decoder
     state = run(side_by_side)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(single.params)):
@@ -54,7 +54,7 @@ SCRIPT = textwrap.dedent("""
 
     detector = cf.api.Detector(model, variables, single.params, single.permutations,
                                train.fit_normalization(model, variables, single.params, single.permutations,
-                                                       [images[:8]], sharding.data_mesh(jax.devices()[:1])))
+                                                       [images[:8]], runtime.data_mesh(jax.devices()[:1])))
     split = cf.score(detector, images[:8], batch_size=8)  # each of the 8 devices scores one image
     alone = [cf.score(detector, images[i:i + 1], batch_size=1) for i in range(8)]  # 1 image: replicated
     np.testing.assert_allclose(split.scores, np.concatenate([a.scores for a in alone]), rtol=1e-5)
@@ -62,10 +62,10 @@ SCRIPT = textwrap.dedent("""
     print("scores split over devices equal scores one image at a time")
     # On the split CPU, log-likelihoods come back on one device: batch maxima are then no collectives
     # waiting on eight independent queues.
-    mesh = sharding.data_mesh()
-    replicated = sharding.replicate((variables, single.params, single.permutations), mesh)
+    mesh = runtime.data_mesh()
+    replicated = runtime.replicate((variables, single.params, single.permutations), mesh)
     assert all(len(lp.sharding.device_set) == 1
-               for lp in model_lib.batch_log_probs(model, replicated, images[:8], mesh))
+               for lp in runtime.batch_log_probs(model, replicated, images[:8], mesh))
 """)
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from cflow_jax import checkpoint, encoders, flow, model as model_lib, sharding, train
+from cflow_jax import checkpoint, encoders, flow, model as model_lib, runtime, train, train_step
+from cflow_jax.train_step import DecoderState
 from cflow_jax.config import Config
 from cflow_jax.errors import UserError
 
@@ -131,9 +132,9 @@ def test_constant_schedule_and_a_padded_batch_rates():
 
 def test_chunks_drop_or_absorb_the_remainder():
   key = jax.random.key(0)
-  main, last = train._chunk_indices(key, 70, Config(fiber_batch=32))
+  main, last = train_step._chunk_indices(key, 70, Config(fiber_batch=32))
   assert main.shape == (2, 32) and last is None  # 6 fibers dropped (original)
-  main, last = train._chunk_indices(key, 70, Config(fiber_batch=32, drop_remainder=False))
+  main, last = train_step._chunk_indices(key, 70, Config(fiber_batch=32, drop_remainder=False))
   assert main.shape == (1, 32) and last.shape == (38,)  # the last chunk takes them (anomalib)
   everything = np.concatenate([np.asarray(main).ravel(), np.asarray(last)])
   assert sorted(everything.tolist()) == list(range(70))  # a joint shuffle: each fiber exactly once
@@ -143,7 +144,7 @@ def test_chunks_drop_or_absorb_the_remainder():
 def test_train_step_compiles_once_and_same_seed_gives_same_parameters(encoder_variables):
   config = SMALL
   model = model_lib.build(config)
-  layout = sharding.train_layout(train.layer_costs(model))
+  layout = runtime.train_layout(train.layer_costs(model))
   train.make_train_layer.cache_clear()  # compiled afresh here, whatever earlier tests compiled
   step = train.make_train_layer(model, layout.split_mesh)
   with _lowered() as names:
@@ -152,11 +153,11 @@ def test_train_step_compiles_once_and_same_seed_gives_same_parameters(encoder_va
   assert _compilations(names, step) == 3, names
   with _lowered() as names:
     second, _ = _fit(config, encoder_variables)  # later runs of the same config reuse the compiled steps
-    state = train._place(train.init_state(model, jax.random.key(0)), layout)
+    state = runtime.place_state(train.init_state(model, jax.random.key(0)), layout)
     features = model_lib.encode(model, encoder_variables, layout.put_images(IMAGES[:4]))
-    _, _, losses = train.train_batch(model, layout, state.params, state.opt_states, state.permutations,
-                                     features, train.layer_key_data(jax.random.key(1), 3),
-                                     tuple(np.full(n, 1e-3, np.float32) for n in (8, 2, 1)))
+    _, losses = train.train_batch(model, layout, state.decoders, features,
+                                  train.layer_key_data(jax.random.key(1), 3),
+                                  tuple(np.full(n, 1e-3, np.float32) for n in (8, 2, 1)))
   assert _compilations(names, step) == 0, names
   for a, b in zip(_leaves(first), _leaves(second)):
     np.testing.assert_array_equal(a, b)
@@ -170,10 +171,10 @@ def test_an_image_batch_step_is_adam_at_the_learning_rate_it_is_given(encoder_va
   model = model_lib.build(config)
   state = train.init_state(model, jax.random.key(0))
   features = model_lib.encode(model, encoder_variables, IMAGES[:4])
-  step = jax.jit(train.train_batch_fn(model))
+  step = jax.jit(train_step.train_batch_fn(config))
   lr = 3e-3
-  params, _, _ = step(state.params, state.opt_states, state.permutations, features, jax.random.key(1),
-                      np.float32(lr))
+  decoders, _ = step(state.decoders, features, jax.random.key(1), np.float32(lr))
+  params = tuple(d.params for d in decoders)
   for layer, f in enumerate(features):
     x, c = model_lib.fibers_and_condition(f, config.condition_dim)
     loss = lambda p: flow.nll_loss(flow.log_prob(p, state.permutations[layer], x, c, config.clamp),
@@ -201,16 +202,16 @@ def test_an_image_batch_follows_anomalibs_training_loop(monkeypatch):
       pathlib.Path(__file__).parent / "fixtures" / "flow_reference.npz").items() if k.startswith("training/")}
   n, perm = int(ref["fiber_batch"]), jnp.asarray(ref["perm"], jnp.int32)
   k = len(perm) // n
-  monkeypatch.setattr(train, "_chunk_indices", lambda key, length, config, valid=None: (
+  monkeypatch.setattr(train_step, "_chunk_indices", lambda key, length, config, valid=None: (
       perm[:(k - 1) * n].reshape(k - 1, n), perm[(k - 1) * n:]))
   config = Config(condition_dim=8, coupling_blocks=3, fiber_batch=n, drop_remainder=False)
-  train_layer = jax.jit(train.train_layer_fn(types.SimpleNamespace(config=config)))
+  train_layer = jax.jit(train_step.train_layer_fn(config))
   names = ("w1", "b1", "w2", "b2", "global_scale", "global_offset")
   params = {name: jnp.asarray(ref[f"initial_{name}"], jnp.float32) for name in names}
   permutations = jnp.asarray(np.argmax(ref["permutation"], axis=-1), jnp.int32)
-  final, _, losses = train_layer(params, train.make_optimizer().init(params), permutations,
-                                 jnp.asarray(ref["features"], jnp.float32), jax.random.key(0),
-                                 np.float32(ref["lr"]))
+  decoder = DecoderState(params, train_step.make_optimizer().init(params), permutations)
+  (final, _, _), losses = train_layer(decoder, jnp.asarray(ref["features"], jnp.float32), jax.random.key(0),
+                                      np.float32(ref["lr"]))
   np.testing.assert_allclose(losses, ref["losses"], rtol=1e-5)
   for name in names:
     moved = np.abs(ref[f"final_{name}"] - ref[f"initial_{name}"]).max()
@@ -278,7 +279,7 @@ def test_nan_loss_stops_with_step_and_layer_and_keeps_last_checkpoint(encoder_va
 
 def _layer_step(fiber_batch):
   config = Config(condition_dim=8, coupling_blocks=2, fiber_batch=fiber_batch)
-  step = jax.jit(train.train_layer_fn(types.SimpleNamespace(config=config)))
+  step = jax.jit(train_step.train_layer_fn(config))
   params, permutations = flow.init_decoder(jax.random.key(0), 16, 8, 2)
   features = jax.random.normal(jax.random.key(1), (4, 4, 4, 16))
   return step, params, permutations, features
@@ -290,14 +291,15 @@ def test_the_chunk_loop_is_one_adam_step_per_chunk_in_order(fiber_batch, drop_re
   plain Adam steps one chunk after another: several chunks and a longer last one, the remainder dropped,
   a single chunk longer than N (64 fibers, N = 48), and a single chunk of exactly N."""
   config = Config(condition_dim=8, coupling_blocks=2, fiber_batch=fiber_batch, drop_remainder=drop_remainder)
-  step = jax.jit(train.train_layer_fn(types.SimpleNamespace(config=config)))
+  step = jax.jit(train_step.train_layer_fn(config))
   params, permutations = flow.init_decoder(jax.random.key(0), 16, 8, 2)
   features = jax.random.normal(jax.random.key(1), (4, 4, 4, 16))
   key, lr = jax.random.key(2), np.float32(1e-3)
-  final, _, losses = step(params, train.make_optimizer().init(params), permutations, features, key, lr)
+  decoder = DecoderState(params, train_step.make_optimizer().init(params), permutations)
+  (final, _, _), losses = step(decoder, features, key, lr)
 
   x, c = model_lib.fibers_and_condition(features, config.condition_dim)
-  main, last = train._chunk_indices(key, x.shape[0], config)
+  main, last = train_step._chunk_indices(key, x.shape[0], config)
   chunks = list(main) + ([] if last is None else [last])
   adam = optax.adam(lr)
   loss_fn = lambda p, idx: flow.nll_loss(flow.log_prob(p, permutations, x[idx], c[idx], config.clamp), 16)
@@ -318,14 +320,14 @@ def test_one_chunk_longer_than_n_trains_through_the_padded_batches_program():
   chunk longer than N: one Adam step on all of them; `padded_chunks` never pads such a batch."""
   config = Config(condition_dim=8, coupling_blocks=2, fiber_batch=48, drop_remainder=False)
   model = types.SimpleNamespace(config=config, feature_sizes=lambda: (4,))
-  step = jax.jit(train.train_layer_fn(model))
+  step = jax.jit(train_step.train_layer_fn(config))
   params, permutations = flow.init_decoder(jax.random.key(0), 16, 8, 2)
   features = jax.random.normal(jax.random.key(1), (4, 4, 4, 16))  # 64 fibers
-  args = (params, train.make_optimizer().init(params), permutations, features, jax.random.key(2),
-          np.float32(1e-3))
-  final, state, losses = step(*args, np.int32(4))
+  args = (DecoderState(params, train_step.make_optimizer().init(params), permutations), features,
+          jax.random.key(2), np.float32(1e-3))
+  (final, state, _), losses = step(*args, np.int32(4))
   assert int(state.count) == 1 and losses.shape == (1,)
-  for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(step(*args)[0])):  # the plain loop's step
+  for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(step(*args)[0].params)):  # the plain loop's step
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
   assert train.padded_chunks(model, 3, 4) is None  # 48 real fibers would fill a chunk of 48
 
@@ -336,9 +338,9 @@ def test_a_padded_short_batch_trains_on_its_real_fibers_only():
   parameters NaN."""
   step, params, permutations, features = _layer_step(fiber_batch=16)
   padded = features.at[3].set(jnp.nan)
-  opt_state = train.make_optimizer().init(params)
-  final, state, losses = step(params, opt_state, permutations, padded, jax.random.key(2), np.float32(1e-3),
-                              np.int32(3))
+  opt_state = train_step.make_optimizer().init(params)
+  (final, state, _), losses = step(DecoderState(params, opt_state, permutations), padded, jax.random.key(2),
+                                   np.float32(1e-3), np.int32(3))
   assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(final))
   assert np.all(np.asarray(losses[:3]) != 0) and float(losses[3]) == 0  # 3 * 16 real fibers: 3 steps of 16
   assert int(state.count) == 3  # Adam's step count: the skipped step did not count
@@ -347,9 +349,9 @@ def test_a_padded_short_batch_trains_on_its_real_fibers_only():
   # (the fibers' order differs, so the float sums do: Adam's step, ~lr, is compared to 1% of it).
   step, params, permutations, features = _layer_step(fiber_batch=48)
   lr = np.float32(1e-3)
-  alone, _, _ = step(params, opt_state, permutations, features[:3], jax.random.key(2), lr, np.int32(3))
-  padded, _, _ = step(params, opt_state, permutations, features.at[3].set(jnp.nan), jax.random.key(2), lr,
-                      np.int32(3))
+  decoder = DecoderState(params, opt_state, permutations)
+  (alone, _, _), _ = step(decoder, features[:3], jax.random.key(2), lr, np.int32(3))
+  (padded, _, _), _ = step(decoder, features.at[3].set(jnp.nan), jax.random.key(2), lr, np.int32(3))
   for a, b in zip(jax.tree.leaves(padded), jax.tree.leaves(alone)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=lr * 1e-2)
 
@@ -363,7 +365,7 @@ def test_a_short_last_batch_reuses_the_compiled_steps(encoder_variables):
   assert train.padded_chunks(model, 2, 4) == (16, 4, 1)  # 2 * 8 * 8 / 8, 2 * 4 * 4 / 8, 2 * 2 * 2 / 8
   assert train.padded_chunks(model_lib.build(SMALL), 2, 4) is None  # layer 3: 8 real fibers, chunks of 16
   train.make_train_layer.cache_clear()  # compiled afresh here, whatever earlier tests compiled
-  step = train.make_train_layer(model, sharding.train_layout(train.layer_costs(model)).split_mesh)
+  step = train.make_train_layer(model, runtime.train_layout(train.layer_costs(model)).split_mesh)
 
   def batches(epoch):
     for i in range(0, 10, 4):

@@ -67,13 +67,8 @@ def _finished_run(workdir, config: Config, train_set) -> bool:
   if checkpoint.latest_step(workdir) is None:
     return False
   meta = checkpoint.read_meta(workdir)
-  identity = meta.get("identity", {})
-  ours = (f"{train_set.name}/{train_set.category}", len(train_set))
-  theirs = (identity.get("dataset"), identity.get("train_images"))
-  if theirs != ours:
-    raise UserError(f"{workdir} holds a run trained on {theirs[0]} ({theirs[1]} images), not on {ours[0]} "
-                    f"({ours[1]} images): use another --workdir")
-  checkpoint.check_compatible(checkpoint.config_from_meta(meta), config)
+  identity = {"dataset": f"{train_set.name}/{train_set.category}", "train_images": len(train_set)}
+  checkpoint.check_same_run(meta, config, identity, workdir)
   return bool(meta.get("normalized")) and meta["epoch"] == config.epochs
 
 
@@ -193,13 +188,12 @@ def one_line(message: str) -> str:
 def streamed_seconds(model, layout, placed, encode, key_data, lr, batches: int) -> float:
   """Seconds per image batch run as `train.fit` runs them: each encoded (`encode()`), then its decoder
   steps, dispatched without waiting, so that the devices' queues overlap one batch's encoding with another's
-  steps. `placed`: (params, opt_states, permutations) as `train._place` puts them (donated, used up)."""
-  params, opt_states, permutations = placed
+  steps. `placed`: the decoders as `runtime.place_state` puts them (donated, used up)."""
+  decoders = placed
   began = time.perf_counter()
   for _ in range(batches):
-    params, opt_states, losses = train.train_batch(model, layout, params, opt_states, permutations, encode(),
-                                                   key_data, np.float32(lr))
-  jax.block_until_ready((params, losses))
+    decoders, losses = train.train_batch(model, layout, decoders, encode(), key_data, np.float32(lr))
+  jax.block_until_ready((decoders, losses))
   return (time.perf_counter() - began) / batches
 
 

@@ -79,13 +79,12 @@ def whole_encoders(batch=4, backbones=("vgg16_hed", "wide_resnet50_2")):
     compiled = {}
     for name, policy in POLICIES.items():
       encoders.WINOGRAD_CHANNELS, encoders.WINOGRAD_4X4_CHANNELS, encoders.WINOGRAD_4X4_SIZE = policy
-      jax.clear_caches()  # the policy is read while tracing: trace anew
-      compiled[name] = model_lib.encode.lower(model, variables, images).compile()
+      compiled[name] = jax.jit(functools.partial(model_lib.encode_images, model)).lower(variables, images).compile()
     # The encoder_dtype option: F(2x2)'s matmuls and the direct convolutions in bf16 (never F(4x4)).
     encoders.WINOGRAD_CHANNELS, encoders.WINOGRAD_4X4_CHANNELS, encoders.WINOGRAD_4X4_SIZE = POLICIES[DEFAULT]
     half = model_lib.build(Config(backbone=backbone, image_size=256, encoder_dtype="bfloat16"))
-    jax.clear_caches()
-    compiled["encoder_dtype bfloat16"] = model_lib.encode.lower(half, variables, images).compile()
+    compiled["encoder_dtype bfloat16"] = jax.jit(functools.partial(model_lib.encode_images, half)).lower(
+        variables, images).compile()
     seconds = medians({n: functools.partial(f, variables, images) for n, f in compiled.items()}, 7)
     for name, t in seconds.items():
       print(f"{backbone} at 256 px, {name}: {batch / t:.2f} images/s", flush=True)

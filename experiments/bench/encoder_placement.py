@@ -15,7 +15,7 @@ from absl import app, flags
 from jax.sharding import SingleDeviceSharding
 
 from cflow_jax.cli import common
-from cflow_jax import encoders, model as model_lib, sharding, train
+from cflow_jax import encoders, model as model_lib, runtime, train
 from cflow_jax.config import Config
 
 flags.DEFINE_integer("rounds", 2, "Alternating rounds (each times both placements).")
@@ -35,7 +35,7 @@ def main(_):
   s = config.image_size
   images = np.random.default_rng(0).integers(0, 256, (config.batch_size, s, s, 3), dtype=np.uint8)
   costs = train.layer_costs(model)
-  layout = sharding.train_layout(costs)
+  layout = runtime.train_layout(costs)
   if layout.decoders is None:
     raise SystemExit("needs decoders side by side: several CPU devices (--cpu_devices)")
   load = {}
@@ -43,16 +43,16 @@ def main(_):
     load[decoder] = load.get(decoder, 0.0) + cost
   lightest = min(load, key=load.get)
   one = jax.device_put(variables, lightest)
-  everywhere = sharding.replicate(variables, layout.mesh)
+  everywhere = runtime.replicate(variables, layout.mesh)
   encode = {
       "one": lambda: model_lib.encode(model, one, jax.device_put(images, lightest)),
-      "split": lambda: model_lib.encode(model, everywhere, layout.put_images(images), mesh=layout.mesh),
+      "split": lambda: runtime.encode(model, everywhere, layout.put_images(images), mesh=layout.mesh),
   }
   state = train.init_state(model, jax.random.key(0))
   key_data = train.layer_key_data(jax.random.key(1), len(model.channels))
 
   def stream(name, batches):
-    placed = train._place(jax.tree.map(jnp.copy, state), layout)[:3]
+    placed = runtime.place_state(jax.tree.map(jnp.copy, state), layout).decoders
     return common.streamed_seconds(model, layout, placed, encode[name], key_data, config.lr, batches)
 
   names = ["one", "split"]

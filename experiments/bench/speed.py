@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 
 from cflow_jax.cli import common
-from cflow_jax import api, encoders, flow, model as model_lib, precision, sharding, train
+from cflow_jax import api, encoders, flow, model as model_lib, precision, runtime, train, train_step
 from cflow_jax.anomaly_map import Normalization, anomaly_maps
 from cflow_jax.config import Config
 
@@ -75,26 +75,27 @@ def main(_):
     variables = api.create(config)[1]
   b, s = config.batch_size, config.image_size
   images = np.random.default_rng(0).integers(0, 256, (b, s, s, 3), dtype=np.uint8)
-  layout = sharding.train_layout(train.layer_costs(model))
+  layout = runtime.train_layout(train.layer_costs(model))
   mesh = layout.mesh
   state = train.init_state(model, jax.random.key(0))
-  encoder_variables = sharding.replicate(variables, mesh)
-  encode = lambda: model_lib.encode(model, encoder_variables, layout.put_images(images), mesh=mesh)
+  encoder_variables = runtime.replicate(variables, mesh)
+  encode = lambda: runtime.encode(model, encoder_variables, layout.put_images(images), mesh=mesh)
   features = encode()
   key_data = train.layer_key_data(jax.random.key(1), len(model.channels))
   fibers = sum(b * h * h for h in model.feature_sizes())
-  steps = sum(train.chunks_per_batch(b * h * h, config) for h in model.feature_sizes())
-  fixed = model_lib.beside_log_probs(
+  steps = sum(train_step.chunks_per_batch(b * h * h, config) for h in model.feature_sizes())
+  fixed = runtime.beside_log_probs(
       Normalization(jnp.zeros(len(model.channels)), jnp.asarray(len(model.channels), jnp.float32)), mesh)
-  replicated = sharding.replicate((variables, state.params, state.permutations), mesh)
+  replicated = runtime.replicate((variables, state.params, state.permutations), mesh)
   maps = jax.jit(anomaly_maps, static_argnums=(1, 3))
-  score = lambda: maps(model_lib.batch_log_probs(model, replicated, images, mesh), s, fixed, config.blur_sigma)
+  score = lambda: maps(runtime.batch_log_probs(model, replicated, images, mesh), s, fixed, config.blur_sigma)
 
   # The train step donates its parameters: give it freshly placed copies each call.
-  fresh = lambda: train._place(jax.tree.map(jnp.copy, state), layout)
-  train_call = lambda: train.train_batch(model, layout, *fresh()[:3], features, key_data, np.float32(config.lr))
+  fresh = lambda: runtime.place_state(jax.tree.map(jnp.copy, state), layout)
+  train_call = lambda: train.train_batch(model, layout, fresh().decoders, features, key_data,
+                                         np.float32(config.lr))
 
-  stream = lambda: common.streamed_seconds(model, layout, fresh()[:3], encode, key_data, config.lr,
+  stream = lambda: common.streamed_seconds(model, layout, fresh().decoders, encode, key_data, config.lr,
                                            FLAGS.repeats)
   figures = {
       "backbone": config.backbone, "image_size": s, "batch_size": b, "fiber_batch": config.fiber_batch,
@@ -121,7 +122,7 @@ def main(_):
   decoder_flops = sum(b * h * h * flow.forward_flops(c, config.condition_dim, config.coupling_blocks, b)
                       for h, c in zip(model.feature_sizes(), model.channels))
   # The fibers actually trained (the remainder is dropped).
-  train_flops = sum(train.chunks_per_batch(b * h * h, config) * min(config.fiber_batch, b * h * h)
+  train_flops = sum(train_step.chunks_per_batch(b * h * h, config) * min(config.fiber_batch, b * h * h)
                     * flow.train_flops(c, config.condition_dim, config.coupling_blocks)
                     for h, c in zip(model.feature_sizes(), model.channels))
   score_flops = encode_flops + decoder_flops

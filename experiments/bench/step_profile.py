@@ -38,11 +38,11 @@ def main(_):
   import jax.numpy as jnp
   import numpy as np
   import optax
-  from cflow_jax import flow, model as model_lib, train
+  from cflow_jax import flow, model as model_lib, train, train_step
   from cflow_jax.config import Config
 
   if not FLAGS.adam:
-    train.make_optimizer = optax.identity
+    train_step.make_optimizer = optax.identity
   config = Config(backbone="vgg16_hed", image_size=FLAGS.image_size, fiber_batch=FLAGS.fiber_batch,
                   rotation=0.0)
   model = model_lib.build(config)
@@ -52,12 +52,11 @@ def main(_):
   features = jax.random.normal(jax.random.key(1), (FLAGS.images, size, size, channels))
   step = train.make_train_layer(model)
   key_data = train.layer_key_data(jax.random.key(2), len(model.channels))[layer]
-  steps = train.chunks_per_batch(FLAGS.images * size * size, config)
+  steps = train_step.chunks_per_batch(FLAGS.images * size * size, config)
 
   def call():
-    params, opt_state = jax.tree.map(jnp.copy, (state.params[layer], state.opt_states[layer]))
-    out = step(params, opt_state, state.permutations[layer], features, key_data, np.float32(1e-4),
-               np.int32(FLAGS.images))
+    decoder = jax.tree.map(jnp.copy, state.decoders[layer])
+    out = step(decoder, features, key_data, np.float32(1e-4), np.int32(FLAGS.images))
     return jax.block_until_ready(out)
 
   call()

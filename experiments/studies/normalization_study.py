@@ -34,7 +34,7 @@ from absl import app, flags
 from tqdm import tqdm
 
 import cflow_jax as cf
-from cflow_jax import metrics, model as model_lib, sharding
+from cflow_jax import metrics, model as model_lib, runtime
 from cflow_jax.anomaly_map import Normalization, anomaly_maps
 
 FLAGS = flags.FLAGS
@@ -45,7 +45,7 @@ def layer_log_probs(detector, images, batch_size, desc):
   parts = []
   for batch in tqdm(cf.api.input_batches(detector.config, images, batch_size), desc=desc,
                     total=-(-len(images) // batch_size)):
-    x, n = sharding.pad_batch(batch["image"], batch_size), len(batch["image"])
+    x, n = runtime.pad_batch(batch["image"], batch_size), len(batch["image"])
     log_probs = model_lib.image_log_probs(detector.model, detector.encoder_variables, detector.params,
                                           detector.permutations, x)
     parts.append([np.asarray(layer)[:n] for layer in log_probs])
