@@ -329,9 +329,13 @@ def fit_normalization(model, encoder_variables, params, permutations, batches: I
   are split over the `mesh` (default: all devices)."""
   mesh = runtime.data_mesh() if mesh is None else mesh
   replicated = runtime.replicate((encoder_variables, params, permutations), mesh)
-  log_probs = []
+  log_probs, full = [], None
   for images in batches:
-    log_probs.append(runtime.batch_log_probs(model, replicated, images, mesh))
+    # A short last batch is padded to the first's size: it runs the program compiled for full batches
+    # (the one the test set's scoring uses next) instead of compiling its own; the padding is dropped.
+    n, full = len(images), full or len(images)
+    padded = runtime.batch_log_probs(model, replicated, runtime.pad_batch(images, full), mesh)
+    log_probs.append(tuple(lp[:n] for lp in padded) if n < full else padded)
     if len(log_probs) > 1:
       # One batch in flight at a time: a progress bar over `batches` then counts finished work, and the
       # device still never waits for the host.
