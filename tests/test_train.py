@@ -380,11 +380,12 @@ def test_a_short_last_batch_reuses_the_compiled_steps(encoder_variables):
 
 
 @pytest.mark.slow
-def test_one_demo_epoch_at_the_defaults_cuts_the_training_loss_tenfold():
+def test_one_demo_epoch_at_the_defaults_cuts_the_training_loss_twentyfold():
   """A one-epoch run, the first thing a user tries, must really train: after it the training fibers' loss
-  is at most a tenth of what the initial decoders give on the first tapped map (measured: 43.4 -> 1.7),
-  and at most 1 / 1.3 of it on the deeper ones (2.3 -> 1.25, 2.6 -> 1.7), whose losses start near the
-  floor of -log sigmoid. The previous defaults (N = 256, +-5 degree rotations) managed 3x, 1.3x and 1.2x."""
+  is at most a twentieth of what the initial decoders give on the first tapped map (measured: 43.4 ->
+  0.81), and at most 1 / 1.8 of it on the deeper ones (2.3 -> 0.79, 2.6 -> 1.13), whose losses start near
+  the floor of -log sigmoid. N = 64 at a peak of 2e-4 managed 25x, 1.8x and 1.5x; N = 256 with +-5 degree
+  rotations 3x, 1.3x and 1.2x."""
   import cflow_jax as cf
 
   config = Config(backbone="vgg16_hed", image_size=64, meta_epochs=1, sub_epochs=1, batch_size=12)
@@ -399,4 +400,4 @@ def test_one_demo_epoch_at_the_defaults_cuts_the_training_loss_tenfold():
     return np.array([float(jnp.mean(-jax.nn.log_sigmoid(lp))) for lp in log_probs])  # log p / C per fiber
 
   before, after = losses(initial.params), losses(detector.params)
-  assert after[0] <= before[0] / 10 and np.all(after <= before / 1.3), (before, after)
+  assert after[0] <= before[0] / 20 and np.all(after <= before / 1.8), (before, after)
