@@ -60,7 +60,7 @@ class Config:
 
   # --- Training (docs/design.md section 6) ---
   # N fibers per optimiser step (O: 256, A: 64). 32 gives eight times O's steps per epoch, which is what
-  # a run of a few epochs needs: with lr 4e-4 it led N = 64 at 2e-4 by 1.0-1.3 pixel AUROC points at 1, 2
+  # a run of a few epochs needs: with lr 4e-4 it led N = 64 at 2e-4 by 0.7-1.3 pixel AUROC points at 1, 2
   # and 4 epochs (docs/results.md, the budget study).
   fiber_batch: int = field(32, "Fibers per optimiser step (N).")
   drop_remainder: bool = field(True, "Drop each layer's last partial chunk of fibers (the original) rather "

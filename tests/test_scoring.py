@@ -200,8 +200,11 @@ def test_cache_blocked_scoring_on_one_cpu_equals_whole_batch_scoring(trained, mo
 
   for blocked, whole in zip(log_probs(True), log_probs(False)):
     assert blocked.shape == whole.shape
-    # the same float32 sums in another order: log p / C of these random features is ~ -100s
-    np.testing.assert_allclose(blocked, whole, rtol=1e-4, atol=1e-5)
+    # The same sums in another order. log p / C of these random (out-of-distribution) features is ~ -100s,
+    # a difference of large terms; on an AMX CPU the deepest map's 12 fibers (one block, run padded or
+    # not) came 2.0e-4 apart (with the decoders of the lr 4e-4 default; 9e-8 and 0 on the other maps).
+    # A wrong block or remainder would be off by far more.
+    np.testing.assert_allclose(blocked, whole, rtol=5e-4, atol=1e-5)
 
 
 @pytest.mark.slow
