@@ -3,7 +3,7 @@ code "O" and anomalib "A", chosen by measurement: docs/results.md), and the refe
 
 Flags and callers override fields with `dataclasses.replace`; nothing else in the library has defaults
 of its own for these choices. Each field carries its command-line help and, for a choice, its allowed
-values (`field`): the scripts' flags are made from them (cflow_jax/cli/flags.py), so that a new field is
+values (`field`): the scripts' flags are made from them (cflow_jax/cli/config_flags.py), so that a new field is
 one edit here. A value the Config refuses raises a `ConfigError`, whose message is the one line the
 command line prints.
 """
