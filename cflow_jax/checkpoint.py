@@ -133,16 +133,20 @@ def _disk_errors(directory, state):
 
 @contextlib.contextmanager
 def _quiet_orbax_threads():
-  """Silences what orbax's threads print when a save fails, which `_disk_errors` reports once: each writer
-  thread logs the error that `save` then raises, and tensorstore's pending writes, failing one by one, each
-  try to wake orbax's event loop, closed by then, and Python prints each such RuntimeError (some 50
-  tracebacks on a full disk). The log filter goes with the save; after a failure, the other stays, as the
-  pending writes go on failing after the save has given up."""
+  """Silences what orbax's threads print when a save or a restore fails, which the caller reports once:
+  each writer thread logs the error that `save` then raises, and tensorstore's pending reads or writes,
+  failing one by one, each try to wake orbax's event loop, closed by then, and Python prints each such
+  RuntimeError (some 50 tracebacks on a full disk); on a truncated data file, orbax's other pending reads,
+  closed when the first fails, each print their own error. The log filter goes with the call; after a
+  failure, the hook stays, as the pending operations go on failing after the call has given up."""
   logged = lambda record: "_SignalingThread.run() raised" not in record.getMessage()
   logger, previous = logging.getLogger("absl"), sys.unraisablehook
 
   def unraisable(event):
-    if not (isinstance(event.exc_value, RuntimeError) and str(event.exc_value) == "Event loop is closed"):
+    error = event.exc_value
+    closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+    closed_read = isinstance(error.__cause__, GeneratorExit)  # a pending read closed after another failed
+    if not (closed_loop or closed_read):
       previous(event)
 
   logger.addFilter(logged)
@@ -176,7 +180,7 @@ def restore_fields(workdir, like_fields: dict, step: int | None = None) -> tuple
 
 
 def _restore(workdir, step, state_args):
-  with _manager(workdir) as manager:
+  with _manager(workdir) as manager, _quiet_orbax_threads():
     step = _step(workdir, manager, step)
     try:
       return manager.restore(step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
@@ -198,7 +202,7 @@ def _step(workdir, manager, step):
 
 def read_meta(workdir, step: int | None = None) -> dict:
   """The JSON part of a checkpoint alone (cheap: no arrays are read)."""
-  with _manager(workdir) as manager:
+  with _manager(workdir) as manager, _quiet_orbax_threads():
     step = _step(workdir, manager, step)
     try:
       restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
