@@ -118,7 +118,8 @@ def fixed_normalization(model, encoder_variables, params, permutations, train_se
   batches = input_batches(config, subset, config.batch_size)
   return train.fit_normalization(
       model, encoder_variables, params, permutations,
-      (b["image"] for b in _bar(batches, subset, config.batch_size, "normalisation", progress)))
+      (b["image"] for b in _bar(batches, subset, config.batch_size, "normalisation", progress)),
+      batch_size=config.batch_size)  # scoring's batch: the pass runs the program scoring runs next
 
 
 def normalization_subset(config: Config, train_set):

@@ -323,19 +323,19 @@ def unset_normalization(layers: int) -> Normalization:
 
 
 def fit_normalization(model, encoder_variables, params, permutations, batches: Iterable[np.ndarray],
-                      mesh=None) -> Normalization:
+                      mesh=None, batch_size: int | None = None) -> Normalization:
   """Fixed normalisation constants from (training) images: per-layer max of log p / C and the max of the
   likelihood map, so that later scores do not depend on which images are scored together. The batches
-  are split over the `mesh` (default: all devices)."""
+  are split over the `mesh` (default: all devices). A batch shorter than `batch_size` (default: the first
+  batch's size) is padded to it: give the size the test set is scored at (`api.score_batches` pads to
+  it too) and the pass runs the very program scoring runs next, instead of compiling one of its own."""
   mesh = runtime.data_mesh() if mesh is None else mesh
   replicated = runtime.replicate((encoder_variables, params, permutations), mesh)
-  log_probs, full = [], None
+  log_probs, full = [], batch_size
   for images in batches:
-    # A short last batch is padded to the first's size: it runs the program compiled for full batches
-    # (the one the test set's scoring uses next) instead of compiling its own; the padding is dropped.
     n, full = len(images), full or len(images)
     padded = runtime.batch_log_probs(model, replicated, runtime.pad_batch(images, full), mesh)
-    log_probs.append(tuple(lp[:n] for lp in padded) if n < full else padded)
+    log_probs.append(tuple(lp[:n] for lp in padded) if n < full else padded)  # the padding is dropped
     if len(log_probs) > 1:
       # One batch in flight at a time: a progress bar over `batches` then counts finished work, and the
       # device still never waits for the host.
