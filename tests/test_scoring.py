@@ -156,7 +156,7 @@ def test_load_refuses_other_encoder_weights(trained):
 @pytest.mark.slow
 def test_cached_features_train_like_encoding_every_epoch(trained):
   _, variables, _ = trained
-  config = dataclasses.replace(CONFIG, sub_epochs=2)
+  config = dataclasses.replace(CONFIG, sub_epochs=2, normalization="batch")  # training alone: no pass
   train_set = cf.data.load("demo", "train", "brick")
   encoded = cf.fit(config, train_set, encoder_variables=variables, progress=False)
   cached = cf.fit(dataclasses.replace(config, cache_features=True), train_set, encoder_variables=variables,
@@ -172,7 +172,8 @@ def test_keeping_the_last_short_batch_trains_on_every_image(trained):
   """anomalib's data loader ends an epoch with a shorter batch; the original drops it. 24 images in
   batches of 10: 20 or 24 images an epoch, on the encoded and the cached-feature paths alike."""
   detector, variables, _ = trained
-  config = dataclasses.replace(CONFIG, batch_size=10, sub_epochs=2, drop_last_batch=False)
+  config = dataclasses.replace(CONFIG, batch_size=10, sub_epochs=2, drop_last_batch=False,
+                               normalization="batch")  # training alone: no normalisation pass
   train_set = cf.data.load("demo", "train", "brick").subset(range(24))
   encoded = cf.fit(config, train_set, encoder_variables=variables, progress=False)
   cached = cf.fit(dataclasses.replace(config, cache_features=True), train_set, encoder_variables=variables,
