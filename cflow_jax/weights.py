@@ -310,14 +310,20 @@ def save_variables(path, variables) -> None:
 
 
 def restore_variables(path) -> dict:
-  """Variables written by `save_variables`."""
+  """Variables written by `save_variables`, read by this process alone: in a job of several processes
+  (--distributed) each reads its own copy, as it does a weight file, where orbax's default restore would
+  wait on the others and place the arrays on the topology that saved them (a mismatch, then a crash)."""
   path = pathlib.Path(path).expanduser().absolute()
   if not path.is_dir():
     raise UserError(f"No saved variables at {path}.")
-  checkpointer = ocp.StandardCheckpointer()
+  alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                             active_processes={jax.process_index()})
   try:
-    return checkpointer.restore(path)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=alone),
+                          multiprocessing_options=alone) as checkpointer:
+      tree = checkpointer.metadata(path).item_metadata.tree
+      as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+      variables = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
   except (FileNotFoundError, ValueError) as e:
     raise UserError(f"{path} is not a readable orbax checkpoint ({e}).") from e
-  finally:
-    checkpointer.close()
+  return jax.tree.map(jnp.asarray, variables)

@@ -13,10 +13,11 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
-from cflow_jax import checkpoint
+from cflow_jax import checkpoint, encoders, weights
 
 # Processes, whole training runs and lowerings for three platforms: the slow subset (pyproject.toml).
 pytestmark = pytest.mark.slow
@@ -151,21 +152,25 @@ def test_processes_that_disagree_on_the_config_or_a_batch_that_does_not_divide_a
 def test_benchmark_on_two_processes_trains_each_category_data_parallel_and_reports_once(tmp_path):
   """benchmark.py on a job of two processes: the categories one after another, each data parallel over
   both processes (as train.py), its metrics those of a one-process run, the table written and announced
-  by process 0 alone."""
-  flags = ("--categories=brick,grass", "--max_test=8", "--num_pictures=0")
+  by process 0 alone. A small model (ResNet-18 with random weights from a file, one coupling block) keeps
+  the three processes' compilations short."""
+  module, _ = encoders.create_encoder("resnet18")
+  weights.save_variables(tmp_path / "resnet18", encoders.init_variables(module, jax.random.key(0), 64))
+  flags = ("--categories=brick,grass", "--max_test=8", "--num_pictures=0", "--backbone=resnet18",
+           f"--weights={tmp_path / 'resnet18'}", "--coupling_blocks=1")
   results = train_processes(*[(f"--workdir={tmp_path / 'two'}", *flags)] * 2, script="benchmark.py",
                             stdout=True)
   for returncode, stderr, _ in results:
     assert returncode == 0, stderr[-4000:]
-  assert "benchmark_vgg16_hed.md" in results[0][2] and "benchmark_vgg16_hed.md" not in results[1][2]
+  assert "benchmark_resnet18.md" in results[0][2] and "benchmark_resnet18.md" not in results[1][2]
   one = subprocess.run([sys.executable, str(REPO / "experiments" / "benchmark.py"), "--dataset=demo",
                         "--image_size=64", "--epochs=1", "--max_train=8", "--cpu_devices=1",
                         f"--workdir={tmp_path / 'one'}", *flags], cwd=REPO, capture_output=True, text=True,
                        timeout=900)
   assert one.returncode == 0, one.stderr[-4000:]
   for category in ("brick", "grass"):
-    two_metrics, one_metrics = (json.loads((tmp_path / side / category / "vgg16_hed" / "metrics.json").read_text())
+    two_metrics, one_metrics = (json.loads((tmp_path / side / category / "resnet18" / "metrics.json").read_text())
                                 for side in ("two", "one"))
     for key in ("image_auroc", "pixel_auroc", "aupro"):
       assert two_metrics[key] == pytest.approx(one_metrics[key], abs=1e-3), (category, key)
-  assert (tmp_path / "two" / "benchmark_vgg16_hed.md").read_text().count("brick") >= 1
+  assert (tmp_path / "two" / "benchmark_resnet18.md").read_text().count("brick") >= 1
