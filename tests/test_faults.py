@@ -24,9 +24,9 @@ from orbax.checkpoint._src.path import async_path
 # Processes, whole training runs and lowerings for three platforms: the slow subset (pyproject.toml).
 pytestmark = pytest.mark.slow
 
-# test_cli.py's tiny demo run (its compiled programs), for two epochs: a resume from the first epoch's
-# checkpoint is part of it.
-CONFIG = cf.Config(**{**config_flags.DEMO_DEFAULTS, "image_size": 64, "meta_epochs": 2})
+# A small demo run (HED VGG16 at 64 px, two coupling blocks: short compilations and steps for its dozen
+# runs) of two epochs: a resume from the first epoch's checkpoint is part of it.
+CONFIG = cf.Config(**{**config_flags.DEMO_DEFAULTS, "image_size": 64, "meta_epochs": 2, "coupling_blocks": 2})
 
 
 class Killed(Exception):
