@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cflow_jax import model as model_lib, train
+from cflow_jax import runtime, train
 
 pytestmark = pytest.mark.slow  # trains, scores and reloads a model end to end
 
@@ -64,9 +64,11 @@ def test_the_examples_one_epoch_at_the_defaults_cuts_the_training_loss_twentyfol
   images = next(cf.api.input_batches(config, namespace["train_images"], 12))["image"]
   initial = train.init_state(detector.model, jax.random.key(config.seed))
 
-  def losses(params):
-    log_probs = model_lib.image_log_probs(detector.model, detector.encoder_variables, params,
-                                          detector.permutations, images)
+  mesh = runtime.data_mesh()
+
+  def losses(params):  # through the program the example's scoring compiled (a batch of 12)
+    replicated = runtime.replicate((detector.encoder_variables, params, detector.permutations), mesh)
+    log_probs = runtime.batch_log_probs(detector.model, replicated, images, mesh)
     return np.array([float(jnp.mean(-jax.nn.log_sigmoid(lp))) for lp in log_probs])  # log p / C per fiber
 
   before, after = losses(initial.params), losses(detector.params)

@@ -14,7 +14,7 @@ def test_vmapped_categories_match_separate_runs():
                      meta_epochs=1, sub_epochs=1, rotation=0.0)
   module, _ = encoders.create_encoder("resnet18")
   variables = encoders.init_variables(module, jax.random.key(0), 64)
-  sets = {c: cf.data.load("demo", "train", c) for c in ("brick", "grass")}  # 48 images each: lockstep
+  sets = {c: cf.data.load("demo", "train", c).subset(range(32)) for c in ("brick", "grass")}  # lockstep
   together = multi.fit_many(config, sets, encoder_variables=variables, progress=False)
   for category, train_set in sets.items():
     alone = cf.fit(config, train_set, encoder_variables=variables, progress=False)
