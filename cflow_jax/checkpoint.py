@@ -145,7 +145,9 @@ def _quiet_orbax_threads():
   def unraisable(event):
     error = event.exc_value
     closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
-    closed_read = isinstance(error.__cause__, GeneratorExit)  # a pending read closed after another failed
+    # One of orbax's pending reads, closed (GeneratorExit) after another failed:
+    source = getattr(getattr(event.object, "cr_code", None), "co_filename", "")
+    closed_read = isinstance(error.__cause__, GeneratorExit) and "orbax" in source
     if not (closed_loop or closed_read):
       previous(event)
 
