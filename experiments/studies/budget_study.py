@@ -65,6 +65,8 @@ flags.DEFINE_string("variants", "default", "Comma-separated runs of ours: 'defau
 flags.DEFINE_string("tag", "defaults", "Names the state of our defaults these runs use (part of what "
                     "identifies a run in --out).")
 flags.DEFINE_bool("reference", False, "Also run anomalib.")
+flags.DEFINE_bool("ours", True, "Run ours (--noours --reference: anomalib alone, e.g. beside a run of ours "
+                  "pinned to the other CPU with taskset).")
 flags.DEFINE_integer("threads", len(os.sched_getaffinity(0)), "CPUs per run.")
 flags.DEFINE_integer("reference_threads", None, "CPUs and threads of anomalib's run (default --threads): 1 "
                      "keeps its many small OpenMP regions from stalling when other work shares the CPUs.")
@@ -107,7 +109,8 @@ def prepare_data(args, root: Path) -> Path:
 
 
 def run(cmd: list[str], log: Path, threads: int) -> float:
-  """Runs one side on the first `threads` CPUs with that many threads; its wall seconds."""
+  """Runs one side on the first `threads` CPUs this process may use (`taskset` picks which) with that many
+  threads; its wall seconds."""
   cpus = sorted(os.sched_getaffinity(0))[:threads]
   env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
   print("$", shlex.join(cmd), flush=True)
@@ -201,7 +204,7 @@ def study(args):
       if any((args.dataset, args.tag, "anomalib", "anomalib", e, seed) not in _done(out) for e in budgets):
         for row in reference(args, data, root / "runs" / f"anomalib_s{seed}", budgets, seed):
           _append(out, {**base, "side": "anomalib", "variant": "anomalib", "seed": seed, **row})
-    for variant in variants:
+    for variant in variants if args.ours else ():
       for epochs in budgets:
         if (args.dataset, args.tag, "ours", variant, epochs, seed) in _done(out):
           continue
