@@ -3,10 +3,13 @@
 bfloat16 inputs with float32 sums pay only where the hardware multiplies bfloat16 natively: GPU tensor
 cores, TPU matrix units, a CPU with AMX. A CPU without it converts every operand to float32 first, so
 there bfloat16 scores and trains slower than float32 (docs/results.md). "auto" therefore picks bfloat16
-only where it is native.
+only where it is native: on a CPU, where it lists AMX and Linux lets this process use AMX's tiles.
 """
 
+import ctypes
 import functools
+import platform as _platform
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +40,27 @@ def with_matmul_dtype(fn, name: str, *args):
 def has_native_bfloat16(platform: str) -> bool:
   if platform != "cpu":
     return True  # GPU and TPU matrix units
-  # XLA:CPU runs bfloat16 dots on AMX tiles (via its ynn kernels); AVX-512 BF16 alone was not measured.
-  return "amx_bf16" in cpu_flags()
+  # XLA:CPU runs bfloat16 dots on AMX tiles (via its ynn kernels). Where the kernel refuses this process
+  # the tiles, XLA's kernels fall back to a path slower than float32's: 50 vs 78 GFLOP/s on a 2048^2
+  # matmul, AMX Xeon, one core (experiments/bench/without_amx.py). AVX-512 BF16 alone (Zen 4) was not
+  # measured.
+  return "amx_bf16" in cpu_flags() and amx_permitted()
+
+
+# Linux x86-64: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
+_NR_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
+
+
+@functools.cache
+def amx_permitted() -> bool:
+  """Whether Linux lets this process use AMX's tile data. A process must ask before its first tile
+  instruction (the matmul libraries XLA calls ask at start-up, and so does this: asking twice is
+  harmless); a container's seccomp policy may refuse, and a CPU without AMX always does."""
+  if sys.platform != "linux" or _platform.machine() != "x86_64":
+    return False
+  libc = ctypes.CDLL(None, use_errno=True)
+  return libc.syscall(ctypes.c_long(_NR_ARCH_PRCTL), ctypes.c_ulong(_ARCH_REQ_XCOMP_PERM),
+                      ctypes.c_ulong(_XFEATURE_XTILEDATA)) == 0
 
 
 @functools.cache

@@ -1,5 +1,11 @@
 """Which input type the flows' matmuls get (`cflow_jax.precision`)."""
 
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +14,7 @@ import pytest
 from cflow_jax import model as model_lib, precision, train, train_step
 from cflow_jax.config import Config
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 # /proc/cpuinfo's layout: one "flags" line per core among other fields.
 CPUINFO = "processor\t: 0\nmodel name\t: {model}\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
 
@@ -20,10 +27,11 @@ def fresh_cpu_flags():
   precision.cpu_flags.cache_clear()
 
 
-def _cpu(monkeypatch, tmp_path, model, flags):
+def _cpu(monkeypatch, tmp_path, model, flags, amx_permitted=True):
   path = tmp_path / "cpuinfo"
   path.write_text(CPUINFO.format(model=model, flags=flags))
   monkeypatch.setattr(precision, "CPUINFO", str(path))
+  monkeypatch.setattr(precision, "amx_permitted", lambda: amx_permitted)
 
 
 @pytest.mark.parametrize("model, flags, expected", [
@@ -33,6 +41,26 @@ def _cpu(monkeypatch, tmp_path, model, flags):
 def test_auto_picks_bfloat16_only_on_a_cpu_with_amx(monkeypatch, tmp_path, model, flags, expected):
   _cpu(monkeypatch, tmp_path, model, flags)
   assert precision.matmul_dtype("auto", "cpu") == jnp.dtype(expected)
+
+
+def test_auto_is_float32_where_the_kernel_withholds_amx(monkeypatch, tmp_path):
+  _cpu(monkeypatch, tmp_path, "Intel(R) Xeon(R) Platinum 8480+", "fpu avx512f avx512_bf16 amx_bf16 amx_tile",
+       amx_permitted=False)
+  assert precision.matmul_dtype("auto", "cpu") == jnp.float32
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.machine() != "x86_64", reason="Linux x86-64's AMX")
+def test_the_amx_probe_sees_a_process_refused_the_tiles(tmp_path):
+  """experiments/bench/without_amx.py refuses the command AMX's tiles (seccomp); `amx_permitted` asks the
+  kernel and is told no, so "auto" is float32 even on a CPU whose flags list AMX."""
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text(CPUINFO.format(model="Intel(R) Xeon(R)", flags="fpu avx512f amx_bf16 amx_tile"))
+  probe = ("from cflow_jax import precision; precision.CPUINFO = {!r}; "
+           "print(precision.amx_permitted(), precision.matmul_dtype('auto', 'cpu'))").format(str(cpuinfo))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  refused = subprocess.run([sys.executable, str(REPO / "experiments" / "bench" / "without_amx.py"), "--",
+                            sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+  assert refused.stdout.split() == ["False", "float32"]
 
 
 def test_auto_is_float32_on_a_cpu_whose_flags_cannot_be_read(monkeypatch, tmp_path):
