@@ -105,3 +105,8 @@ def anomaly_maps(layer_log_probs, image_size: int, normalization: Normalization 
     likelihood = likelihood_map(layer_log_probs, layer_max, image_size, blur_sigma)
   maps = map_max - likelihood
   return maps, jnp.max(maps, axis=(1, 2))
+
+
+# The one compiled map program per (shapes, size, blur): scoring (`api`) and the normalisation pass
+# (`train.fit_normalization`) share it, so that the pass compiles no map program of its own.
+compiled_maps = jax.jit(anomaly_maps, static_argnums=(1, 3))

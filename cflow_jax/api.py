@@ -17,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cflow_jax import checkpoint, data, metrics, model as model_lib, runtime, train, weights
-from cflow_jax.anomaly_map import Normalization, anomaly_maps
+from cflow_jax.anomaly_map import Normalization, compiled_maps
 from cflow_jax.config import Config
 from cflow_jax.errors import UserError
 
@@ -256,11 +256,10 @@ def score_batches(detector: Detector, images, batch_size: int | None = None,
       # Pad a short last batch to the compiled shape; with fixed constants each image is scored alone.
       x = runtime.pad_batch(x, batch_size)
     log_probs = runtime.batch_log_probs(detector.model, replicated, x, mesh)
-    maps, scores = _maps(log_probs, config.image_size, fixed, config.blur_sigma)
+    maps, scores = compiled_maps(log_probs, config.image_size, fixed, config.blur_sigma)
     yield batch, np.asarray(scores)[:n], np.asarray(maps)[:n]
 
 
-_maps = jax.jit(anomaly_maps, static_argnums=(1, 3))
 
 
 def _replicated(detector: Detector, mesh):
@@ -283,7 +282,7 @@ def score(detector: Detector, images, batch_size: int | None = None,
   batches = _bar(_as_batches(images, batch_size, config), images, batch_size, "scoring", progress)
   log_probs = [runtime.batch_log_probs(detector.model, replicated, b["image"], mesh) for b in batches]
   stacked = tuple(jnp.concatenate(layer) for layer in zip(*log_probs))
-  maps, scores = _maps(stacked, config.image_size, None, config.blur_sigma)
+  maps, scores = compiled_maps(stacked, config.image_size, None, config.blur_sigma)
   return Scores(np.asarray(scores), np.asarray(maps))
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from cflow_jax import checkpoint, flow, runtime
 from cflow_jax.train_step import (DecoderState, chunks_per_batch, init_decoders, layer_keys, per_layer,
                                   train_layer_fn)
-from cflow_jax.anomaly_map import Normalization, batch_layer_max, likelihood_map
+from cflow_jax.anomaly_map import Normalization, batch_layer_max, compiled_maps
 from cflow_jax.config import Config
 from cflow_jax.errors import UserError
 
@@ -328,22 +328,27 @@ def fit_normalization(model, encoder_variables, params, permutations, batches: I
   likelihood map, so that later scores do not depend on which images are scored together. The batches
   are split over the `mesh` (default: all devices). A batch shorter than `batch_size` (default: the first
   batch's size) is padded to it: give the size the test set is scored at (`api.score_batches` pads to
-  it too) and the pass runs the very program scoring runs next, instead of compiling one of its own."""
+  it too) and the pass runs the very programs scoring runs next (log-likelihoods, then maps), instead of
+  compiling its own."""
   mesh = runtime.data_mesh() if mesh is None else mesh
   replicated = runtime.replicate((encoder_variables, params, permutations), mesh)
-  log_probs, full = [], batch_size
+  padded_log_probs, counts, full = [], [], batch_size
   for images in batches:
     n, full = len(images), full or len(images)
-    padded = runtime.batch_log_probs(model, replicated, runtime.pad_batch(images, full), mesh)
-    log_probs.append(tuple(lp[:n] for lp in padded) if n < full else padded)  # the padding is dropped
-    if len(log_probs) > 1:
+    padded_log_probs.append(runtime.batch_log_probs(model, replicated, runtime.pad_batch(images, full), mesh))
+    counts.append(n)
+    if len(padded_log_probs) > 1:
       # One batch in flight at a time: a progress bar over `batches` then counts finished work, and the
       # device still never waits for the host.
-      jax.block_until_ready(log_probs[-2])
-  layer_max = jnp.max(jnp.stack([batch_layer_max(lp) for lp in log_probs]), axis=0)
+      jax.block_until_ready(padded_log_probs[-2])
+  real = lambda lp, n: lp if n == full else tuple(layer[:n] for layer in lp)  # the padding is dropped
+  layer_max = jnp.max(jnp.stack([batch_layer_max(real(lp, n)) for lp, n in zip(padded_log_probs, counts)]),
+                      axis=0)
+  # Scoring's map program with a map maximum of 0 gives -likelihood: its minimum is the maximum sought.
   config = model.config
-  map_max = max(float(jnp.max(likelihood_map(lp, layer_max, config.image_size, config.blur_sigma)))
-                for lp in log_probs)
+  provisional = runtime.beside_log_probs(Normalization(layer_max, jnp.zeros((), jnp.float32)), mesh)
+  map_max = max(-float(jnp.min(compiled_maps(lp, config.image_size, provisional, config.blur_sigma)[0][:n]))
+                for lp, n in zip(padded_log_probs, counts))
   return Normalization(layer_max, jnp.asarray(map_max, jnp.float32))
 
 

@@ -246,6 +246,10 @@ def test_the_training_maxima_come_from_a_bounded_evenly_spaced_subset(trained):
   images = np.stack([e["image"] for e in subset])
   expected = train.fit_normalization(detector.model, variables, detector.params, detector.permutations,
                                      [images])
+  # The map maximum, which the pass reads off scoring's map program, is the likelihood map's maximum.
+  log_probs = cf.model.image_log_probs(detector.model, variables, detector.params, detector.permutations, images)
+  likelihood = anomaly_map.likelihood_map(log_probs, expected.layer_max, CONFIG.image_size, CONFIG.blur_sigma)
+  np.testing.assert_allclose(expected.map_max, np.max(likelihood), rtol=1e-5)
   # A short last batch (2 images after 3) runs the program compiled for full batches, padded, and the
   # padding's zeros set no maximum: the pass lowers no log-likelihood program of its own.
   train.fit_normalization(detector.model, variables, detector.params, detector.permutations, [images[:3]])
@@ -254,15 +258,17 @@ def test_the_training_maxima_come_from_a_bounded_evenly_spaced_subset(trained):
                                     [images[:3], images[3:]])
   assert not [n for n in names if "log_probs" in n], names
   np.testing.assert_allclose(split.layer_max, expected.layer_max, rtol=1e-6)
-  # Given the batch size scoring pads to, a pass over fewer images runs scoring's program, as
-  # `api.fixed_normalization` does: no program of its own (batches of 1 and 4, sizes nothing compiled, both
-  # padded to 8; padded to the first batch's size they would compile two).
+  # Given the batch size scoring pads to, a pass over fewer images runs scoring's programs, as
+  # `api.fixed_normalization` does: no program of its own, neither log-likelihoods nor maps (batches of 1
+  # and 4, sizes nothing compiled, both padded to 8; padded to the first batch's size they would compile two).
   cf.score(detector, images[:3], batch_size=CONFIG.batch_size)  # scoring's program, 3 images padded to 8
   with _lowered() as names:
     padded = train.fit_normalization(detector.model, variables, detector.params, detector.permutations,
                                      [images[:1], images[1:]], batch_size=CONFIG.batch_size)
-  assert not [n for n in names if "log_probs" in n], names
+  # (an upsampling einsum outside `anomaly_maps` would be a map program of the pass's own)
+  assert not [n for n in names if "log_probs" in n or "maps" in n or "einsum" in n], names
   np.testing.assert_allclose(padded.layer_max, expected.layer_max, rtol=1e-6)
+  np.testing.assert_allclose(padded.map_max, expected.map_max, rtol=1e-5)
   got = train.fit_normalization(detector.model, variables, detector.params, detector.permutations,
                                 (b["image"] for b in cf.api.input_batches(config, subset, 2)))
   np.testing.assert_allclose(got.layer_max, expected.layer_max, rtol=1e-6)
