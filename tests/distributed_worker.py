@@ -37,8 +37,9 @@ def recording(sharding, local, global_shape=None):
 jax.make_array_from_process_local_data = recording
 
 # Tiny: 16 images in two batches of 8 (which divide over 1, 2 and 4 devices), one coupling block.
+# float32 training: one process and two are compared at float32's tolerance (test_distributed.TOLERANCE).
 CONFIG = cf.Config(backbone="resnet18", image_size=64, coupling_blocks=1, fiber_batch=64, batch_size=8,
-                   meta_epochs=epochs, sub_epochs=1, rotation=0.0)
+                   meta_epochs=epochs, sub_epochs=1, rotation=0.0, train_dtype="float32")
 module, _ = encoders.create_encoder(CONFIG.backbone)
 variables = encoders.init_variables(module, jax.random.key(0), CONFIG.image_size)
 demo = cf.data.load("demo", "train", "brick")

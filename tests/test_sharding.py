@@ -16,8 +16,10 @@ SCRIPT = textwrap.dedent("""
     from cflow_jax import encoders, model as model_lib, runtime, train
     from cflow_jax.config import Config
     assert jax.device_count() == 8, jax.devices()
+    # float32 training: the layouts are compared at float32's tolerances (bfloat16 rounding would turn
+    # their float-level differences into larger ones).
     config = Config(backbone="resnet18", image_size=64, coupling_blocks=1, fiber_batch=32, batch_size=8,
-                    meta_epochs=1, sub_epochs=1, lr=1e-3)
+                    meta_epochs=1, sub_epochs=1, lr=1e-3, train_dtype="float32")
     model = model_lib.build(config)
     variables = encoders.init_variables(model.encoder, jax.random.key(0), 64)
     images = np.random.default_rng(0).integers(0, 256, (20, 64, 64, 3), dtype=np.uint8)

@@ -19,8 +19,10 @@ from cflow_jax.train_step import DecoderState
 from cflow_jax.config import Config
 from cflow_jax.errors import UserError
 
+# float32 training throughout: the steps are compared with float32 autodiff and optax at float32 tolerances
+# (the default, "auto", trains in bfloat16 where the CPU has AMX).
 SMALL = Config(backbone="resnet18", image_size=64, coupling_blocks=2, fiber_batch=32, batch_size=4,
-               meta_epochs=2, sub_epochs=1, warmup=0.5, lr=1e-3)
+               meta_epochs=2, sub_epochs=1, warmup=0.5, lr=1e-3, train_dtype="float32")
 IMAGES = np.random.default_rng(0).integers(0, 256, (12, 64, 64, 3), dtype=np.uint8)
 
 
@@ -204,7 +206,7 @@ def test_an_image_batch_follows_anomalibs_training_loop(monkeypatch):
   k = len(perm) // n
   monkeypatch.setattr(train_step, "_chunk_indices", lambda key, length, config, valid=None: (
       perm[:(k - 1) * n].reshape(k - 1, n), perm[(k - 1) * n:]))
-  config = Config(condition_dim=8, coupling_blocks=3, fiber_batch=n, drop_remainder=False)
+  config = Config(condition_dim=8, coupling_blocks=3, fiber_batch=n, drop_remainder=False, train_dtype="float32")
   train_layer = jax.jit(train_step.train_layer_fn(config))
   names = ("w1", "b1", "w2", "b2", "global_scale", "global_offset")
   params = {name: jnp.asarray(ref[f"initial_{name}"], jnp.float32) for name in names}
@@ -278,7 +280,7 @@ def test_nan_loss_stops_with_step_and_layer_and_keeps_last_checkpoint(encoder_va
 
 
 def _layer_step(fiber_batch):
-  config = Config(condition_dim=8, coupling_blocks=2, fiber_batch=fiber_batch)
+  config = Config(condition_dim=8, coupling_blocks=2, fiber_batch=fiber_batch, train_dtype="float32")
   step = jax.jit(train_step.train_layer_fn(config))
   params, permutations = flow.init_decoder(jax.random.key(0), 16, 8, 2)
   features = jax.random.normal(jax.random.key(1), (4, 4, 4, 16))
@@ -290,7 +292,8 @@ def test_the_chunk_loop_is_one_adam_step_per_chunk_in_order(fiber_batch, drop_re
   """The compiled loop (each step applies the previous step's gradient before taking its own) against
   plain Adam steps one chunk after another: several chunks and a longer last one, the remainder dropped,
   a single chunk longer than N (64 fibers, N = 48), and a single chunk of exactly N."""
-  config = Config(condition_dim=8, coupling_blocks=2, fiber_batch=fiber_batch, drop_remainder=drop_remainder)
+  config = Config(condition_dim=8, coupling_blocks=2, fiber_batch=fiber_batch, drop_remainder=drop_remainder,
+                  train_dtype="float32")
   step = jax.jit(train_step.train_layer_fn(config))
   params, permutations = flow.init_decoder(jax.random.key(0), 16, 8, 2)
   features = jax.random.normal(jax.random.key(1), (4, 4, 4, 16))
@@ -318,7 +321,7 @@ def test_the_chunk_loop_is_one_adam_step_per_chunk_in_order(fiber_batch, drop_re
 def test_one_chunk_longer_than_n_trains_through_the_padded_batches_program():
   """The program `train_batch` runs (with a count of real images) on a layer whose fibers make a single
   chunk longer than N: one Adam step on all of them; `padded_chunks` never pads such a batch."""
-  config = Config(condition_dim=8, coupling_blocks=2, fiber_batch=48, drop_remainder=False)
+  config = Config(condition_dim=8, coupling_blocks=2, fiber_batch=48, drop_remainder=False, train_dtype="float32")
   model = types.SimpleNamespace(config=config, feature_sizes=lambda: (4,))
   step = jax.jit(train_step.train_layer_fn(config))
   params, permutations = flow.init_decoder(jax.random.key(0), 16, 8, 2)
