@@ -97,7 +97,7 @@ STAGES = {
     "normalisation pass": lambda m: _strike_at(m, train, "fit_normalization", 1),
     "final save, mid-write": lambda m: _during_save(m, 1),
     "final save, switch": lambda m: _at_switch(m, 1),
-    "scoring": lambda m: _strike_at(m, api, "_maps", 1),
+    "scoring": lambda m: _strike_at(m, api, "compiled_maps", 1),
     "report": lambda m: _strike_at(m, report, "write_metrics", 1),
 }
 
