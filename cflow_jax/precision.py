@@ -41,9 +41,10 @@ def has_native_bfloat16(platform: str) -> bool:
   if platform != "cpu":
     return True  # GPU and TPU matrix units
   # XLA:CPU runs bfloat16 dots on AMX tiles (via its ynn kernels). Where the kernel refuses this process
-  # the tiles, XLA's kernels fall back to a path slower than float32's: 50 vs 78 GFLOP/s on a 2048^2
-  # matmul, AMX Xeon, one core (experiments/bench/without_amx.py). AVX-512 BF16 alone (Zen 4) was not
-  # measured.
+  # the tiles, XLA's kernels fall back to a path slower than float32's: on the AMX Xeon, 2 threads, a
+  # 2048^2 matmul ran at 204 GFLOP/s in bfloat16 against 258 in float32 (1,119 with the tiles), and
+  # decoder training at 0.92x float32 (experiments/bench/without_amx.py, docs/results.md). AVX-512 BF16
+  # alone (Zen 4) was not measured.
   return "amx_bf16" in cpu_flags() and amx_permitted()
 
 

@@ -10,10 +10,11 @@ request with EPERM and lets every other system call through, then replaces itsel
 filter stays with it and its children. `precision.amx_permitted` then says False, and "auto" picks
 float32. Linux x86-64 only; needs no privilege (no_new_privs is set first).
 
-It is not a Zen 4: CPUID still reports AMX, and XLA:CPU routes bfloat16 dots as it would with AMX. Measured
-on the 2-core AMX Xeon, a 2048^2 matmul on one core: float32 78, bfloat16 272 GFLOP/s with the tiles;
-with them withheld, bfloat16 50 (the fallback converts), float32 unchanged. A Zen 4, which XLA knows has no
-AMX, may take another path (a user measured bfloat16 2.1x float32 there): measure on one.
+It is not a Zen 4: CPUID still reports AMX to XLA and its libraries. Measured on the 2-core AMX Xeon
+(`experiments/bench/speed.py --matmul_size=2048`, 2 threads): a 2048^2 matmul at 261 GFLOP/s in float32
+and 1,119-1,322 in bfloat16 with the tiles; with them withheld, 258 and 204, and decoder training in
+bfloat16 at 0.92x float32. A Zen 4 may take another path (a user measured bfloat16 at 2.1x float32 on
+such a matmul there): measure on one.
 """
 
 import ctypes
