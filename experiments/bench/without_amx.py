@@ -5,7 +5,7 @@ but no AMX (AMD Zen 4).
 
 Linux lets a process use AMX's tile registers only after it asks (`arch_prctl(ARCH_REQ_XCOMP_PERM,
 XFEATURE_XTILEDATA)`); the matmul libraries XLA:CPU calls (YNNPACK, XNNPACK, oneDNN) ask at start-up and
-fall back to their AVX-512 kernels when refused. This installs a seccomp filter that refuses that one
+do without AMX when refused. This installs a seccomp filter that refuses that one
 request with EPERM and lets every other system call through, then replaces itself with the command; the
 filter stays with it and its children. `precision.amx_permitted` then says False, and "auto" picks
 float32. Linux x86-64 only; needs no privilege (no_new_privs is set first).
