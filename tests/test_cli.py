@@ -101,13 +101,25 @@ def test_normalization_study_rescores_as_the_pipeline_scores(runs, tmp_path):
   assert detector.config.blur_sigma > 0  # the default: every rule blurs, and one more rule does not
   unblurred = dataclasses.replace(detector, model=dataclasses.replace(
       detector.model, config=dataclasses.replace(detector.config, blur_sigma=0.0)))
+  expected = {}
   for rule, scored in (("train", detector), ("test_set", detector), ("batch", detector),
                        ("test_set_unblurred", unblurred)):
-    expected = cf.evaluate(scored, test_set, batch_size=8,
-                           normalization=rule.removesuffix("_unblurred")).metrics
+    expected[rule] = cf.evaluate(scored, test_set, batch_size=8,
+                                 normalization=rule.removesuffix("_unblurred")).metrics
     for key in ("image_auroc", "pixel_auroc"):
-      assert results[rule][key] == pytest.approx(expected[key], abs=1e-4), (rule, key)
+      assert results[rule][key] == pytest.approx(expected[rule][key], abs=1e-4), (rule, key)
   assert set(results) == {"train", "test_set", "batch", "batch_shuffled", "test_set_unblurred"}
+
+  # experiments/studies/map_study.py compares layer combinations on the same stored likelihoods: its
+  # baseline (the references' exp combination at the run's blur, maxima of the run's 8 training images) must
+  # be what the pipeline scores.
+  rows = tmp_path / "map_study.jsonl"
+  result = run("studies/map_study.py", "--dataset=demo", "--category=brick", "--combinations=exp",
+               f"--blurs={detector.config.blur_sigma}", f"--out={rows}", workdir)
+  assert result.returncode == 0, result.stderr[-4000:]
+  [row] = [json.loads(line) for line in rows.read_text().splitlines()]
+  for key in ("image_auroc", "pixel_auroc", "aupro"):
+    assert row[key] == pytest.approx(expected["train"][key], abs=1e-4), key
 
 
 def test_rerun_with_other_settings_is_refused(runs):
