@@ -1,8 +1,13 @@
 """From per-layer log-likelihoods to anomaly maps and image scores (docs/design.md section 7).
 
-Per layer: exp(log p - max), upsampled bilinearly (align_corners=True, as the original code) to the input
+Per layer a likelihood term, upsampled bilinearly (align_corners=True, as the original code) to the input
 size; the layers are summed and the map is `map_max - sum`, so likely pixels score low. The image score is
-the map's maximum. Optionally (`blur_sigma` > 0; neither reference does it) the map is smoothed with a
+the map's maximum. The term (`likelihood`, with fixed constants c_l) is
+  "exp"          exp(log p - c_l), c_l the layer's maximum (both references): in [0, 1], and every fiber
+                 far below the maximum scores the same;
+  "floored_log"  max(log p, c_l), c_l a low quantile of the training fibers' log p (ours, the default): as
+                 bounded, so that no single fiber rules a map, but linear above the floor.
+The references' rules below ("test_set", "batch") always use "exp". Optionally (`blur_sigma` > 0; neither reference does it) the map is smoothed with a
 Gaussian, as anomalib does for PaDiM and PatchCore: the blur is linear and separable, so it is folded into
 the upsampling matrices and costs nothing.
 
@@ -22,7 +27,9 @@ import numpy as np
 
 
 class Normalization(NamedTuple):
-  """Per-layer max of log p / C, (L,), and the max of the summed likelihood map."""
+  """Per-layer constants c_l of log p / C, (L,), and the max of the summed likelihood map. `layer_max`
+  keeps its name (checkpoints store it by name): it is the layer's maximum under the "exp" likelihood and
+  its floor under "floored_log"."""
   layer_max: jnp.ndarray
   map_max: jnp.ndarray
 
@@ -76,11 +83,14 @@ def upsample(maps, size: int, blur_sigma: float = 0.0):
   return jnp.einsum("sh,bhw,tw->bst", rows, maps, cols, precision=jax.lax.Precision.HIGHEST)
 
 
-def likelihood_map(layer_log_probs, layer_max, image_size: int, blur_sigma: float = 0.0):
-  """Sum over layers of the upsampled exp(log p - layer max): (B, S, S); high where the image is normal."""
+def likelihood_map(layer_log_probs, layer_constants, image_size: int, blur_sigma: float = 0.0,
+                   likelihood: str = "exp"):
+  """Sum over layers of the upsampled likelihood terms (module docstring): (B, S, S); high where the image
+  is normal."""
   total = 0.0
-  for log_p, top in zip(layer_log_probs, layer_max):
-    total = total + upsample(jnp.exp(log_p - top), image_size, blur_sigma)
+  for log_p, c in zip(layer_log_probs, layer_constants):
+    term = jnp.exp(log_p - c) if likelihood == "exp" else jnp.maximum(log_p, c)
+    total = total + upsample(term, image_size, blur_sigma)
   return total
 
 
@@ -90,23 +100,24 @@ def batch_layer_max(layer_log_probs):
 
 
 def anomaly_maps(layer_log_probs, image_size: int, normalization: Normalization | None = None,
-                 blur_sigma: float = 0.0):
+                 blur_sigma: float = 0.0, likelihood: str = "exp"):
   """Anomaly maps (B, S, S) and image scores (B,).
 
   With `normalization=None` the maxima come from the given layers themselves (anomalib's per-batch
-  behaviour, or the original's whole-test-set behaviour when every image is passed at once).
+  behaviour, or the original's whole-test-set behaviour when every image is passed at once), and the
+  likelihood is the references' "exp"; with fixed constants, `likelihood` says what they are.
   """
   if normalization is None:
     layer_max = batch_layer_max(layer_log_probs)
-    likelihood = likelihood_map(layer_log_probs, layer_max, image_size, blur_sigma)
-    map_max = jnp.max(likelihood)
+    summed = likelihood_map(layer_log_probs, layer_max, image_size, blur_sigma)
+    map_max = jnp.max(summed)
   else:
-    layer_max, map_max = normalization
-    likelihood = likelihood_map(layer_log_probs, layer_max, image_size, blur_sigma)
-  maps = map_max - likelihood
+    constants, map_max = normalization
+    summed = likelihood_map(layer_log_probs, constants, image_size, blur_sigma, likelihood)
+  maps = map_max - summed
   return maps, jnp.max(maps, axis=(1, 2))
 
 
-# The one compiled map program per (shapes, size, blur): scoring (`api`) and the normalisation pass
-# (`train.fit_normalization`) share it, so that the pass compiles no map program of its own.
-compiled_maps = jax.jit(anomaly_maps, static_argnums=(1, 3))
+# The one compiled map program per (shapes, size, blur, likelihood): scoring (`api`) and the normalisation
+# pass (`train.fit_normalization`) share it, so that the pass compiles no map program of its own.
+compiled_maps = jax.jit(anomaly_maps, static_argnums=(1, 3, 4))

@@ -256,7 +256,7 @@ def score_batches(detector: Detector, images, batch_size: int | None = None,
       # Pad a short last batch to the compiled shape; with fixed constants each image is scored alone.
       x = runtime.pad_batch(x, batch_size)
     log_probs = runtime.batch_log_probs(detector.model, replicated, x, mesh)
-    maps, scores = compiled_maps(log_probs, config.image_size, fixed, config.blur_sigma)
+    maps, scores = compiled_maps(log_probs, config.image_size, fixed, config.blur_sigma, config.likelihood)
     yield batch, np.asarray(scores)[:n], np.asarray(maps)[:n]
 
 

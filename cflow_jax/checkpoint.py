@@ -253,8 +253,13 @@ def fingerprint(tree) -> str:
   return digest.hexdigest()[:16]
 
 
+# Fields added since a run could have been saved, with the value that keeps such a run scoring as it was
+# trained (its stored constants are the maxima "exp" needs); other added fields take their defaults.
+_BEFORE_FIELD = {"likelihood": "exp"}
+
+
 def config_from_meta(meta: dict) -> Config:
   """The saved config; fields that Config no longer has (a run saved by an older version, e.g. its
-  `warmup_epochs`) are dropped, and fields added since take their defaults."""
+  `warmup_epochs`) are dropped, and fields added since take `_BEFORE_FIELD`'s value or their defaults."""
   known = {field.name for field in dataclasses.fields(Config)}
-  return Config(**{k: v for k, v in json.loads(meta["config"]).items() if k in known})
+  return Config(**{**_BEFORE_FIELD, **{k: v for k, v in json.loads(meta["config"]).items() if k in known}})

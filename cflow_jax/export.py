@@ -56,7 +56,7 @@ def scoring_program(model, weights, platforms=PLATFORMS) -> jax.export.Exported:
     log_probs = model_lib.local_log_probs(model, encoder_variables, params, permutations, images,
                                           block_images=config.batch_size)
     maps, scores = anomaly_maps(log_probs, config.image_size, Normalization(*normalization),
-                                config.blur_sigma)
+                                config.blur_sigma, config.likelihood)
     return scores, maps
 
   batch, = jax.export.symbolic_shape("b")

@@ -324,8 +324,10 @@ def unset_normalization(layers: int) -> Normalization:
 
 def fit_normalization(model, encoder_variables, params, permutations, batches: Iterable[np.ndarray],
                       mesh=None, batch_size: int | None = None) -> Normalization:
-  """Fixed normalisation constants from (training) images: per-layer max of log p / C and the max of the
-  likelihood map, so that later scores do not depend on which images are scored together. The batches
+  """Fixed normalisation constants from (training) images, so that later scores do not depend on which
+  images are scored together: per layer, the max of log p / C (likelihood "exp") or its
+  `floor_quantile`-quantile over all the images' fibers ("floored_log"), then the max of the likelihood
+  map. The batches
   are split over the `mesh` (default: all devices). A batch shorter than `batch_size` (default: the first
   batch's size) is padded to it: give the size the test set is scored at (`api.score_batches` pads to
   it too) and the pass runs the very programs scoring runs next (log-likelihoods, then maps), instead of
@@ -342,14 +344,21 @@ def fit_normalization(model, encoder_variables, params, permutations, batches: I
       # device still never waits for the host.
       jax.block_until_ready(padded_log_probs[-2])
   real = lambda lp, n: lp if n == full else tuple(layer[:n] for layer in lp)  # the padding is dropped
-  layer_max = jnp.max(jnp.stack([batch_layer_max(real(lp, n)) for lp, n in zip(padded_log_probs, counts)]),
-                      axis=0)
-  # Scoring's map program with a map maximum of 0 gives -likelihood: its minimum is the maximum sought.
   config = model.config
-  provisional = runtime.beside_log_probs(Normalization(layer_max, jnp.zeros((), jnp.float32)), mesh)
-  map_max = max(-float(jnp.min(compiled_maps(lp, config.image_size, provisional, config.blur_sigma)[0][:n]))
+  if config.likelihood == "exp":
+    constants = jnp.max(jnp.stack([batch_layer_max(real(lp, n)) for lp, n in zip(padded_log_probs, counts)]),
+                        axis=0)
+  else:
+    constants = jnp.stack([jnp.quantile(jnp.concatenate([real(lp, n)[layer].ravel()
+                                                         for lp, n in zip(padded_log_probs, counts)]),
+                                        config.floor_quantile)
+                           for layer in range(len(padded_log_probs[0]))])
+  # Scoring's map program with a map maximum of 0 gives -likelihood: its minimum is the maximum sought.
+  provisional = runtime.beside_log_probs(Normalization(constants, jnp.zeros((), jnp.float32)), mesh)
+  map_max = max(-float(jnp.min(compiled_maps(lp, config.image_size, provisional, config.blur_sigma,
+                                             config.likelihood)[0][:n]))
                 for lp, n in zip(padded_log_probs, counts))
-  return Normalization(layer_max, jnp.asarray(map_max, jnp.float32))
+  return Normalization(constants, jnp.asarray(map_max, jnp.float32))
 
 
 def save_final(workdir, state: TrainState, config: Config, meta: dict, history: dict):

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from cflow_jax import checkpoint
 from cflow_jax.config import RECIPES, Config
 
 REPO = pathlib.Path(__file__).parents[1]
@@ -26,7 +27,8 @@ def test_every_float_field_must_be_finite(name, value):
 
 @pytest.mark.parametrize("name, value", [("lr", 0.0), ("lr", -1e-4), ("clamp", 0.0), ("rotation", -5.0),
                                          ("rotation", 181.0), ("blur_sigma", -1.0), ("warmup", -0.1),
-                                         ("warmup", 0.6)])
+                                         ("warmup", 0.6), ("floor_quantile", -0.01),
+                                         ("floor_quantile", 1.5)])
 def test_float_fields_out_of_range_are_refused(name, value):
   with pytest.raises(ValueError, match=f"{name} must be in"):
     Config(**{name: value})
@@ -52,6 +54,7 @@ def test_the_recipes_hold_the_references_settings():
   assert (original.fiber_batch, original.lr, original.schedule, original.meta_epochs, original.sub_epochs,
           original.rotation, original.normalization, original.blur_sigma) == \
       (256, 2e-4, "cosine", 25, 8, 5.0, "test_set", 0.0)
+  assert original.likelihood == anomalib.likelihood == "exp"  # exp(log p - max), as both compute maps
   assert original.drop_remainder and original.drop_last_batch
   assert (anomalib.fiber_batch, anomalib.lr, anomalib.schedule, anomalib.rotation, anomalib.resample,
           anomalib.image_dtype, anomalib.normalization, anomalib.blur_sigma) == \
@@ -59,6 +62,16 @@ def test_the_recipes_hold_the_references_settings():
   assert not anomalib.drop_remainder and not anomalib.drop_last_batch
   with pytest.raises(ValueError, match="recipe"):
     Config.recipe("paper")
+
+
+def test_a_run_saved_before_a_field_existed_keeps_the_value_it_was_trained_with():
+  """A run saved before `likelihood` existed holds maxima, not floors: it loads as "exp", while a run that
+  saved the field keeps its own, and a field added with no such value takes its default."""
+  saved = json.loads(Config(lr=3e-4).to_json())
+  old = {k: v for k, v in saved.items() if k not in ("likelihood", "floor_quantile")}
+  loaded = checkpoint.config_from_meta({"config": json.dumps({**old, "warmup_epochs": 2})})
+  assert (loaded.likelihood, loaded.floor_quantile, loaded.lr) == ("exp", Config().floor_quantile, 3e-4)
+  assert checkpoint.config_from_meta({"config": json.dumps(saved)}).likelihood == "floored_log"
 
 
 def _config_from_flags(*argv) -> dict:

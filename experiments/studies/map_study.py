@@ -7,9 +7,11 @@ maximum saturates at the same score. This scores the training and test images of
 under each combination, every constant taken from the run's training images (the first
 metrics.json["train_images"], as --max_train cut them; never the test set):
 
-  exp       sum_l exp(log p_l - max_l)                   (the default: the references' combination)
-  log       sum_l log p_l                                (the product of the layers' likelihoods)
-  z         sum_l (log p_l - mean_l) / std_l             (each layer standardised on the training fibers)
+  exp          sum_l exp(log p_l - max_l)               (the references' combination)
+  log          sum_l log p_l                            (the product of the layers' likelihoods)
+  z            sum_l (log p_l - mean_l) / std_l         (each layer standardised on the training fibers)
+  floored_log  sum_l max(log p_l, q_l)                  (q_l the --floor_quantile of the training fibers:
+                                                         the default since)
 
 each upsampled and blurred with every sigma of --blurs before the sum. The anomaly map is minus the sum
 (plus a constant); the image score its maximum. What it found: docs/results.md, "The layers' combination".
@@ -33,12 +35,6 @@ from cflow_jax.anomaly_map import upsample
 from normalization_study import labels_and_masks, layer_log_probs  # its neighbour here
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("dataset", "folder", "The runs' dataset.")
-flags.DEFINE_string("data_dir", None, "Raw data, as for cflow-train.")
-flags.DEFINE_string("category", None, "The runs' category.")
-flags.DEFINE_list("combinations", ["exp", "log", "z"], "Layer combinations to compare.")
-flags.DEFINE_list("blurs", ["0", "2", "4", "8"], "Gaussian sigmas (output pixels) to compare.")
-flags.DEFINE_string("out", None, "Append one JSON row per run, combination and blur to this file.")
 
 
 def per_layer(combination, log_p, train):
@@ -49,6 +45,8 @@ def per_layer(combination, log_p, train):
     return log_p
   if combination == "z":
     return (log_p - train.mean()) / train.std()
+  if combination == "floored_log":
+    return np.maximum(log_p, np.quantile(train, FLAGS.floor_quantile))
   raise ValueError(f"unknown combination {combination!r}")
 
 
@@ -91,6 +89,7 @@ def study(workdir):
       scores, maps = anomaly_maps(combination, test, train, config.image_size, blur)
       found = metrics.evaluate(scores, labels, maps, masks)
       row = {"run": Path(workdir).name, "category": FLAGS.category, "combination": combination, "blur": blur,
+             **({"floor_quantile": FLAGS.floor_quantile} if combination == "floored_log" else {}),
              **{k: found[k] for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1")}}
       rows.append(row)
       print(f"{Path(workdir).name}: {combination:>3} blur {blur:3.0f}: image / pixel AUROC "
@@ -107,5 +106,16 @@ def main(argv):
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
+def define_flags():
+  flags.DEFINE_string("dataset", "folder", "The runs' dataset.")
+  flags.DEFINE_string("data_dir", None, "Raw data, as for cflow-train.")
+  flags.DEFINE_string("category", None, "The runs' category.")
+  flags.DEFINE_list("combinations", ["exp", "log", "z", "floored_log"], "Layer combinations to compare.")
+  flags.DEFINE_float("floor_quantile", 0.01, "The floor of floored_log, a quantile of the training fibers.")
+  flags.DEFINE_list("blurs", ["0", "2", "4", "8"], "Gaussian sigmas (output pixels) to compare.")
+  flags.DEFINE_string("out", None, "Append one JSON row per run, combination and blur to this file.")
+
+
 if __name__ == "__main__":
+  define_flags()  # here, not on import: rescore.py imports this file's functions
   app.run(main)

@@ -80,19 +80,19 @@ def score_rule(rule, detector, train, test, image_size, batch_size, seed=0, blur
     scores[order], maps[order] = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     return scores, maps
   if rule == "train":
-    return _maps(test, image_size, detector.normalization, blur)
+    return _maps(test, image_size, detector.normalization, blur, detector.config.likelihood)
   q = float(rule.removeprefix("train_q"))
   return _maps(test, image_size, fixed([np.quantile(layer, q) for layer in train]), blur)
 
 
-def _maps(layers, image_size, normalization, blur_sigma, chunk=64):
+def _maps(layers, image_size, normalization, blur_sigma, likelihood="exp", chunk=64):
   """(scores, maps) of stored log p, a few images at a time; with `normalization=None` the maxima are
   taken over every image given, as the references do over the images scored together."""
   together = normalization is None
   if together:
     normalization = fixed([layer.max() for layer in layers])
   maps = np.concatenate([np.asarray(anomaly_maps([jnp.asarray(l[i:i + chunk]) for l in layers], image_size,
-                                                 normalization, blur_sigma)[0])
+                                                 normalization, blur_sigma, likelihood)[0])
                          for i in range(0, len(layers[0]), chunk)])
   if together:
     maps = maps - maps.min()  # map_max - likelihood, map_max the largest summed likelihood of the set
@@ -133,7 +133,7 @@ def main(_):
   print("per-layer constants (log p / C):")
   for i in layers:
     qs = " ".join(f"q{q}={np.quantile(train[i], q):.3f}" for q in quantiles) if train else ""
-    print(f"  layer {i} {test[i].shape[1:]}: train max {float(detector.normalization.layer_max[i]):.3f} "
+    print(f"  layer {i} {test[i].shape[1:]}: train constant ({detector.config.likelihood}) {float(detector.normalization.layer_max[i]):.3f} "
           f"{qs} | test max {test[i].max():.3f}")
   rules = ["train", *(f"train_q{q}" for q in quantiles), "test_set", "batch", "batch_shuffled"]
   if detector.config.blur_sigma:

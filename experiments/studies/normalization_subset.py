@@ -43,10 +43,12 @@ def main(_):
   results = {}
   for k in sorted({n} | {int(c) for c in FLAGS.counts if int(c) < n}, reverse=True):
     chosen = np.linspace(0, n - 1, k).round().astype(int)
-    layer_max = jnp.asarray([layer[chosen].max() for layer in train_lp], jnp.float32)
+    # The run's constants from these K images: each layer's maximum, or its floor (`likelihood`).
+    constant = np.max if config.likelihood == "exp" else lambda x: np.quantile(x, config.floor_quantile)
+    layer_max = jnp.asarray([constant(layer[chosen]) for layer in train_lp], jnp.float32)
     fixed = Normalization(layer_max, jnp.float32(0.0))
     parts = [anomaly_maps(tuple(jnp.asarray(layer[i:i + 16]) for layer in test_lp), config.image_size, fixed,
-                          config.blur_sigma) for i in range(0, len(labels), 16)]
+                          config.blur_sigma, config.likelihood) for i in range(0, len(labels), 16)]
     maps = np.concatenate([np.asarray(m) for m, _ in parts])
     scores = np.concatenate([np.asarray(s) for _, s in parts])
     found = metrics.evaluate(scores, labels, maps, masks)
