@@ -15,6 +15,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 from absl import app, flags
 
 import cflow_jax as cf
@@ -27,6 +28,7 @@ flags.DEFINE_string("data_dir", None, "Raw data, as for cflow-train.")
 flags.DEFINE_string("category", None, "The runs' category.")
 flags.DEFINE_enum("likelihood", None, config_lib.LIKELIHOODS, "Score with this likelihood (default: the run's).")
 flags.DEFINE_float("floor_quantile", None, "... and this floor quantile (default: the run's).")
+flags.DEFINE_integer("max_test", None, "As train.py's: this many test images, evenly spaced.")
 flags.DEFINE_string("out", None, "Append the rows to this file.")
 
 
@@ -41,7 +43,10 @@ def rescore(workdir) -> dict:
   normalization = cf.api.fixed_normalization(model, detector.encoder_variables, detector.params,
                                              detector.permutations, train_set)
   detector = dataclasses.replace(detector, model=model, normalization=normalization)
-  found = cf.evaluate(detector, load("test")).metrics
+  test_set = load("test")
+  if FLAGS.max_test is not None and FLAGS.max_test < len(test_set):  # as train.py cuts it
+    test_set = test_set.subset(np.linspace(0, len(test_set) - 1, FLAGS.max_test).round())
+  found = cf.evaluate(detector, test_set).metrics
   return {"run": Path(workdir).name, "category": FLAGS.category, **changes,
           **{k: found[k] for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1")}}
 
