@@ -122,17 +122,15 @@ def test_normalization_study_rescores_as_the_pipeline_scores(runs, tmp_path):
     assert row[key] == pytest.approx(expected["train"][key], abs=1e-4), key
 
   # experiments/studies/rescore.py fits the constants again and evaluates as train.py did: with the run's
-  # own settings it reports the run's metrics; with the references' exp, other ones.
+  # own settings it reports the run's metrics.
   rows = tmp_path / "rescore.jsonl"
-  for likelihood in ("floored_log", "exp"):
-    result = run("studies/rescore.py", "--dataset=demo", "--category=brick", f"--likelihood={likelihood}",
-                 "--max_test=8", f"--out={rows}", workdir)
-    assert result.returncode == 0, result.stderr[-4000:]
-  own, references = [json.loads(line) for line in rows.read_text().splitlines()]
+  result = run("studies/rescore.py", "--dataset=demo", "--category=brick", "--likelihood=floored_log",
+               "--max_test=8", f"--out={rows}", workdir)
+  assert result.returncode == 0, result.stderr[-4000:]
+  [own] = [json.loads(line) for line in rows.read_text().splitlines()]
   reported = json.loads((workdir / "metrics.json").read_text())
   for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1"):
     assert own[key] == pytest.approx(reported[key], abs=1e-6), key
-  assert references["pixel_auroc"] != own["pixel_auroc"]
 
 
 def test_rerun_with_other_settings_is_refused(runs):
