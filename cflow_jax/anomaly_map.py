@@ -7,9 +7,9 @@ the map's maximum. The term (`likelihood`, with fixed constants c_l) is
                  far below the maximum scores the same;
   "floored_log"  max(log p, c_l), c_l a low quantile of the training fibers' log p (ours, the default): as
                  bounded, so that no single fiber rules a map, but linear above the floor.
-The references' rules below ("test_set", "batch") always use "exp". Optionally (`blur_sigma` > 0; neither reference does it) the map is smoothed with a
-Gaussian, as anomalib does for PaDiM and PatchCore: the blur is linear and separable, so it is folded into
-the upsampling matrices and costs nothing.
+The references' rules below ("test_set", "batch") always use "exp". Optionally (`blur_sigma` > 0; neither
+reference does it) the map is smoothed with a Gaussian, as anomalib does for PaDiM and PatchCore: the blur
+is linear and separable, so it is folded into the upsampling matrices and costs nothing.
 
 Where the two maxima come from is the `normalization`:
   "train"    - constants fixed from the training images (`Normalization` below): an image's map and score
