@@ -260,8 +260,6 @@ def score_batches(detector: Detector, images, batch_size: int | None = None,
     yield batch, np.asarray(scores)[:n], np.asarray(maps)[:n]
 
 
-
-
 def _replicated(detector: Detector, mesh):
   """(encoder variables, decoders, permutations) on every device of the mesh, for `batch_log_probs`."""
   return runtime.replicate((detector.encoder_variables, detector.params, detector.permutations), mesh)

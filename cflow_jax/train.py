@@ -343,16 +343,15 @@ def fit_normalization(model, encoder_variables, params, permutations, batches: I
       # One batch in flight at a time: a progress bar over `batches` then counts finished work, and the
       # device still never waits for the host.
       jax.block_until_ready(padded_log_probs[-2])
-  real = lambda lp, n: lp if n == full else tuple(layer[:n] for layer in lp)  # the padding is dropped
+  real = [lp if n == full else tuple(layer[:n] for layer in lp)  # the padding is dropped
+          for lp, n in zip(padded_log_probs, counts)]
   config = model.config
   if config.likelihood == "exp":
-    constants = jnp.max(jnp.stack([batch_layer_max(real(lp, n)) for lp, n in zip(padded_log_probs, counts)]),
-                        axis=0)
+    constants = jnp.max(jnp.stack([batch_layer_max(lp) for lp in real]), axis=0)
   else:  # on the host: jnp.quantile would compile a sort for each layer's size (0.2-0.3 s each on a CPU)
-    constants = jnp.asarray([np.quantile(np.concatenate([np.asarray(real(lp, n)[layer]).ravel()
-                                                         for lp, n in zip(padded_log_probs, counts)]),
+    constants = jnp.asarray([np.quantile(np.concatenate([np.asarray(lp[layer]).ravel() for lp in real]),
                                          config.floor_quantile)
-                             for layer in range(len(padded_log_probs[0]))], jnp.float32)
+                             for layer in range(len(real[0]))], jnp.float32)
   # Scoring's map program with a map maximum of 0 gives -likelihood: its minimum is the maximum sought.
   provisional = runtime.beside_log_probs(Normalization(constants, jnp.zeros((), jnp.float32)), mesh)
   map_max = max(-float(jnp.min(compiled_maps(lp, config.image_size, provisional, config.blur_sigma,
