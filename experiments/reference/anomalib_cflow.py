@@ -243,6 +243,7 @@ def epoch_scorer_class():
       self.epochs = {int(e) for e in args.score_epochs.split(",") if e} if args.score_epochs else set()
       self.out, self.test_loader_fn, self.clock, self.recorded = args.maps_out, test_loader_fn, clock, recorded
       self.image_size, self.seconds = args.image_size, 0.0
+      self.batch_size, self.seed = args.batch_size, args.seed
 
     def on_train_epoch_end(self, trainer, pl_module):
       import numpy as np
@@ -264,11 +265,13 @@ def epoch_scorer_class():
       # The same log-likelihoods with the maxima over the whole test set (the original's rule).
       n = sum(len(m) for m in maps)
       whole = grouped_maps(self.recorded, self.image_size, [np.arange(n)])
+      # And over batches of a shuffled test order: its own rule without the folder's sorting by type.
+      shuffled = grouped_maps(self.recorded, self.image_size, shuffled_batches(n, self.batch_size, self.seed))
       self.recorded.clear()
       Path(self.out).mkdir(parents=True, exist_ok=True)
       np.savez_compressed(Path(self.out) / f"epoch{epoch}.npz", maps=np.concatenate(maps).astype(np.float16),
                           scores=np.concatenate(scores), maps_test_set=whole.astype(np.float16),
-                          train_seconds=trained)
+                          maps_batch_shuffled=shuffled.astype(np.float16), train_seconds=trained)
       self.seconds += time.perf_counter() - began
 
   return EpochScorer
@@ -339,6 +342,14 @@ def grouped_maps(recorded: list, image_size: int, groups) -> "np.ndarray":
   return maps
 
 
+def shuffled_batches(n: int, batch_size: int, seed: int) -> list:
+  """Indices of n test images in a seeded random order, cut into batches of batch_size."""
+  import numpy as np
+
+  order = np.random.default_rng(seed).permutation(n)
+  return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
 def rescored_metrics(recorded, image_size, labels, masks, batch_size, seed, blur_sigma=0.0) -> dict:
   """Metrics of the same log-likelihoods under the whole-test-set rule and under per-batch maxima over
   batches of a shuffled test order; with `blur_sigma`, also the whole-test-set maps smoothed by a Gaussian
@@ -346,9 +357,7 @@ def rescored_metrics(recorded, image_size, labels, masks, batch_size, seed, blur
   import numpy as np
 
   n = sum(len(batch[0][0]) for batch in recorded) // (recorded[0][1][0] * recorded[0][2][0])
-  order = np.random.default_rng(seed).permutation(n)
-  rules = {"test_set": [np.arange(n)],
-           "batch_shuffled": [order[i:i + batch_size] for i in range(0, n, batch_size)]}
+  rules = {"test_set": [np.arange(n)], "batch_shuffled": shuffled_batches(n, batch_size, seed)}
   result = {}
   for rule, groups in rules.items():
     maps = grouped_maps(recorded, image_size, groups).reshape(n, -1)
