@@ -322,3 +322,26 @@ def test_side_by_side_reports_of_several_seeds_combine_and_other_settings_are_re
   paths[0].write_text(json.dumps(other))
   refused = run("studies/compare_anomalib.py", "--combine", *paths)
   assert refused.returncode == 2 and "different settings" in refused.stderr
+
+
+def test_budget_study_table_means_each_of_anomalibs_rules_over_seeds_from_their_last_runs(tmp_path):
+  """budget_study.py --table: one line per anomalib rule (its in-order maps, test-set maxima, its maps on
+  a shuffled order), each the mean over seeds of that rule's metrics, a seed's later run replacing its
+  earlier one."""
+  def row(seed, tag, base):
+    metrics = {f"{m}{suffix}": base + offset for suffix, offset in (("", 0.0), ("_test_set", 0.01),
+                                                                   ("_batch_shuffled", -0.02))
+               for m in ("image_auroc", "pixel_auroc", "aupro", "image_f1")}
+    return {"dataset": "demo", "tag": tag, "side": "anomalib", "variant": "anomalib", "epochs": 1,
+            "seed": seed, "max_train": 128, "max_test": None, "train_seconds": 10.0, **metrics}
+  rows = tmp_path / "rows.jsonl"
+  rows.write_text("".join(json.dumps(r) + "\n" for r in
+                          (row(42, "old", 0.50), row(7, "a", 0.60), row(42, "b", 0.80))))
+  result = run("studies/budget_study.py", "--table", f"--out={rows}")
+  assert result.returncode == 0, result.stderr[-4000:]
+  lines = {line.split("|")[3].strip(): [float(v) for v in line.split("|")[4:8]]
+           for line in result.stdout.splitlines() if "| anomalib" in line}
+  for name, offset in (("anomalib, its maps", 0.0), ("anomalib, test-set maxima", 0.01),
+                       ("anomalib, its maps, test order shuffled", -0.02)):
+    assert lines[name] == pytest.approx([100 * (0.70 + offset)] * 4, abs=0.006), name  # (0.80 + 0.60) / 2
+  assert len(lines) == 3
