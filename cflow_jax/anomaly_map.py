@@ -94,6 +94,13 @@ def likelihood_map(layer_log_probs, layer_constants, image_size: int, blur_sigma
   return total
 
 
+def layer_constant(log_p, likelihood: str, floor_quantile: float) -> float:
+  """A layer's fixed constant c_l from its training fibers' log p / C (any shape, on the host): their
+  maximum for "exp", their `floor_quantile`-quantile for "floored_log"."""
+  log_p = np.asarray(log_p)
+  return float(log_p.max() if likelihood == "exp" else np.quantile(log_p, floor_quantile))
+
+
 def batch_layer_max(layer_log_probs):
   """Per-layer maxima over everything given, (L,)."""
   return jnp.stack([jnp.max(log_p) for log_p in layer_log_probs])

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from cflow_jax import checkpoint, flow, runtime
 from cflow_jax.train_step import (DecoderState, chunks_per_batch, init_decoders, layer_keys, per_layer,
                                   train_layer_fn)
-from cflow_jax.anomaly_map import Normalization, batch_layer_max, compiled_maps
+from cflow_jax.anomaly_map import Normalization, compiled_maps, layer_constant
 from cflow_jax.config import Config
 from cflow_jax.errors import UserError
 
@@ -325,10 +325,8 @@ def unset_normalization(layers: int) -> Normalization:
 def fit_normalization(model, encoder_variables, params, permutations, batches: Iterable[np.ndarray],
                       mesh=None, batch_size: int | None = None) -> Normalization:
   """Fixed normalisation constants from (training) images, so that later scores do not depend on which
-  images are scored together: per layer, the max of log p / C (likelihood "exp") or its
-  `floor_quantile`-quantile over all the images' fibers ("floored_log"), then the max of the likelihood
-  map. The batches
-  are split over the `mesh` (default: all devices). A batch shorter than `batch_size` (default: the first
+  images are scored together: per layer, `anomaly_map.layer_constant` of all the images' fibers, then the
+  max of the likelihood map. The batches are split over the `mesh` (default: all devices). A batch shorter than `batch_size` (default: the first
   batch's size) is padded to it: give the size the test set is scored at (`api.score_batches` pads to
   it too) and the pass runs the very programs scoring runs next (log-likelihoods, then maps), instead of
   compiling its own."""
@@ -346,12 +344,10 @@ def fit_normalization(model, encoder_variables, params, permutations, batches: I
   real = [lp if n == full else tuple(layer[:n] for layer in lp)  # the padding is dropped
           for lp, n in zip(padded_log_probs, counts)]
   config = model.config
-  if config.likelihood == "exp":
-    constants = jnp.max(jnp.stack([batch_layer_max(lp) for lp in real]), axis=0)
-  else:  # on the host: jnp.quantile would compile a sort for each layer's size (0.2-0.3 s each on a CPU)
-    constants = jnp.asarray([np.quantile(np.concatenate([np.asarray(lp[layer]).ravel() for lp in real]),
-                                         config.floor_quantile)
-                             for layer in range(len(real[0]))], jnp.float32)
+  # On the host: jnp.quantile would compile a sort for each layer's size (0.2-0.3 s each on a CPU).
+  constants = jnp.asarray([layer_constant(np.concatenate([np.asarray(lp[layer]).ravel() for lp in real]),
+                                          config.likelihood, config.floor_quantile)
+                           for layer in range(len(real[0]))], jnp.float32)
   # Scoring's map program with a map maximum of 0 gives -likelihood: its minimum is the maximum sought.
   provisional = runtime.beside_log_probs(Normalization(constants, jnp.zeros((), jnp.float32)), mesh)
   map_max = max(-float(jnp.min(compiled_maps(lp, config.image_size, provisional, config.blur_sigma,

@@ -31,7 +31,7 @@ from absl import app, flags
 
 import cflow_jax as cf
 from cflow_jax import metrics
-from cflow_jax.anomaly_map import upsample
+from cflow_jax.anomaly_map import layer_constant, upsample
 from normalization_study import labels_and_masks, layer_log_probs  # its neighbour here
 
 FLAGS = flags.FLAGS
@@ -40,13 +40,13 @@ FLAGS = flags.FLAGS
 def per_layer(combination, log_p, train):
   """The layer's term of the likelihood sum, from constants of its training fibers."""
   if combination == "exp":
-    return np.exp(log_p - train.max())
+    return np.exp(log_p - layer_constant(train, "exp", 0.0))
   if combination == "log":
     return log_p
   if combination == "z":
     return (log_p - train.mean()) / train.std()
   if combination == "floored_log":
-    return np.maximum(log_p, np.quantile(train, FLAGS.floor_quantile))
+    return np.maximum(log_p, layer_constant(train, "floored_log", FLAGS.floor_quantile))
   raise ValueError(f"unknown combination {combination!r}")
 
 

@@ -133,7 +133,8 @@ def main(_):
   print("per-layer constants (log p / C):")
   for i in layers:
     qs = " ".join(f"q{q}={np.quantile(train[i], q):.3f}" for q in quantiles) if train else ""
-    print(f"  layer {i} {test[i].shape[1:]}: train constant ({detector.config.likelihood}) {float(detector.normalization.layer_max[i]):.3f} "
+    constant = float(detector.normalization.layer_max[i])
+    print(f"  layer {i} {test[i].shape[1:]}: train constant ({detector.config.likelihood}) {constant:.3f} "
           f"{qs} | test max {test[i].max():.3f}")
   rules = ["train", *(f"train_q{q}" for q in quantiles), "test_set", "batch", "batch_shuffled"]
   if detector.config.blur_sigma:

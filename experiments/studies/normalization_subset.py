@@ -20,7 +20,7 @@ from absl import app, flags
 
 import cflow_jax as cf
 from cflow_jax import metrics
-from cflow_jax.anomaly_map import Normalization, anomaly_maps
+from cflow_jax.anomaly_map import Normalization, anomaly_maps, layer_constant
 from normalization_study import labels_and_masks, layer_log_probs  # its neighbour here
 
 FLAGS = flags.FLAGS
@@ -44,8 +44,8 @@ def main(_):
   for k in sorted({n} | {int(c) for c in FLAGS.counts if int(c) < n}, reverse=True):
     chosen = np.linspace(0, n - 1, k).round().astype(int)
     # The run's constants from these K images: each layer's maximum, or its floor (`likelihood`).
-    constant = np.max if config.likelihood == "exp" else lambda x: np.quantile(x, config.floor_quantile)
-    layer_max = jnp.asarray([constant(layer[chosen]) for layer in train_lp], jnp.float32)
+    layer_max = jnp.asarray([layer_constant(layer[chosen], config.likelihood, config.floor_quantile)
+                             for layer in train_lp], jnp.float32)
     fixed = Normalization(layer_max, jnp.float32(0.0))
     parts = [anomaly_maps(tuple(jnp.asarray(layer[i:i + 16]) for layer in test_lp), config.image_size, fixed,
                           config.blur_sigma, config.likelihood) for i in range(0, len(labels), 16)]

@@ -27,7 +27,7 @@ flags.DEFINE_string("dataset", "folder", "The runs' dataset.")
 flags.DEFINE_string("data_dir", None, "Raw data, as for cflow-train.")
 flags.DEFINE_string("category", None, "The runs' category.")
 flags.DEFINE_enum("likelihood", None, config_lib.LIKELIHOODS, "Score with this likelihood (default: the run's).")
-flags.DEFINE_float("floor_quantile", None, "... and this floor quantile (default: the run's).")
+flags.DEFINE_float("floor_quantile", None, "Score with this floor quantile (default: the run's).")
 flags.DEFINE_integer("max_test", None, "As train.py's: this many test images, evenly spaced.")
 flags.DEFINE_string("out", None, "Append the rows to this file.")
 
